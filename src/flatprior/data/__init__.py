@@ -1,0 +1,5 @@
+"""Data: binary tasks with attack sets (boolean, digits, MNIST, CIFAR-10)."""
+
+from flatprior.data.tasks import DATASETS, Task, make_task
+
+__all__ = ["DATASETS", "Task", "make_task"]

@@ -1,0 +1,204 @@
+"""Binary tasks with an attack set: S (clean), A (flipped labels), E (test), all disjoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flatprior.errors import FlatpriorError, check_choice, check_finite_tensor
+
+DATASETS = ("boolean", "digits", "mnist", "cifar10")
+
+
+@dataclass
+class Task:
+    """A train set S, an attack set A (labels flipped) and a test set E.
+
+    Inputs are float32 tensors ``[n, *input_shape]``; labels are float32 tensors ``[n]`` in
+    ``{0, 1}``. ``y_attack`` holds the *flipped* (wrong) labels the network is trained on;
+    ``y_attack_true`` the correct ones. S, A and E never share an example (``idx_*`` are indices
+    into the pool they were drawn from).
+    """
+
+    dataset: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_attack: torch.Tensor
+    y_attack: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    seed: int
+    idx_train: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, dtype=np.int64))
+    idx_attack: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, dtype=np.int64))
+    idx_test: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, dtype=np.int64))
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {
+            "n_train": len(self.y_train),
+            "n_attack": len(self.y_attack),
+            "n_test": len(self.y_test),
+        }
+
+    @property
+    def y_attack_true(self) -> torch.Tensor:
+        return 1.0 - self.y_attack
+
+
+def _check_size(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise FlatpriorError(f"{name} must be a whole number, got {value!r}")
+    if value < 0:
+        raise FlatpriorError(f"{name} must be >= 0, got {value}")
+    return int(value)
+
+
+def split_pool(
+    x: np.ndarray,
+    y: np.ndarray,
+    n_train: int,
+    n_attack: int,
+    n_test: int | None,
+    seed: int,
+    *,
+    dataset: str,
+    x_test_pool: np.ndarray | None = None,
+    y_test_pool: np.ndarray | None = None,
+) -> Task:
+    """Draw disjoint S, A, E from a labelled pool (seeded); flip the labels of A.
+
+    If ``x_test_pool`` is given, E is drawn from it and S, A from ``x`` (e.g. MNIST's official
+    train/test split); otherwise all three come from ``x``. ``n_test=None`` takes all that is left.
+    """
+    n_train = _check_size("n_train", n_train)
+    n_attack = _check_size("n_attack", n_attack)
+    if n_test is not None:
+        n_test = _check_size("n_test", n_test)
+    if n_train == 0:
+        raise FlatpriorError("n_train must be >= 1: a task needs a training set")
+    rng = np.random.default_rng(seed)
+    n_pool = len(x)
+    sep_test = x_test_pool is not None
+    need = n_train + n_attack + (0 if sep_test else (n_test or 0))
+    if need > n_pool:
+        what = "n_train + n_attack" if sep_test else "n_train + n_attack + n_test"
+        raise FlatpriorError(
+            f"{dataset}: {what} = {need} but only {n_pool} examples are available; "
+            "ask for fewer examples"
+        )
+    if sep_test:
+        assert y_test_pool is not None
+        if n_test is not None and n_test > len(x_test_pool):
+            raise FlatpriorError(
+                f"{dataset}: n_test = {n_test} but the test split has only "
+                f"{len(x_test_pool)} examples; ask for fewer"
+            )
+    perm = rng.permutation(n_pool)
+    idx_train = np.sort(perm[:n_train])
+    idx_attack = np.sort(perm[n_train : n_train + n_attack])
+    if sep_test:
+        tperm = rng.permutation(len(x_test_pool))
+        idx_test = np.sort(tperm[: (n_test if n_test is not None else len(x_test_pool))])
+        xt, yt = x_test_pool[idx_test], y_test_pool[idx_test]
+    else:
+        rest = perm[n_train + n_attack :]
+        idx_test = np.sort(rest[: (n_test if n_test is not None else len(rest))])
+        xt, yt = x[idx_test], y[idx_test]
+
+    def t(a):
+        return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32)
+
+    task = Task(
+        dataset=dataset,
+        x_train=t(x[idx_train]),
+        y_train=t(y[idx_train]),
+        x_attack=t(x[idx_attack]),
+        y_attack=t(1 - y[idx_attack]),
+        x_test=t(xt),
+        y_test=t(yt),
+        seed=seed,
+        idx_train=idx_train,
+        idx_attack=idx_attack,
+        idx_test=idx_test,
+    )
+    for name in ("x_train", "x_attack", "x_test"):
+        check_finite_tensor(f"{dataset} inputs ({name})", getattr(task, name))
+    return task
+
+
+def make_task(
+    dataset: str,
+    n_train: int,
+    n_attack: int = 0,
+    n_test: int | None = None,
+    seed: int = 0,
+    data_root: str | Path | None = None,
+    *,
+    target: str | object | None = None,
+    download: bool = False,
+) -> Task:
+    """Build a binary task: train set S, attack set A (labels flipped), test set E.
+
+    Args:
+        dataset: one of ``boolean``, ``digits`` (embedded default, ships with scikit-learn),
+            ``mnist``, ``cifar10``.
+        n_train: |S|. n_attack: |A|. n_test: |E| (``None``: everything left).
+        seed: draws the split (and nothing else).
+        data_root: folder holding the MNIST IDX / CIFAR-10 binary files.
+        target: ``boolean`` only — the target function as a 128-character 0/1 string (bit i is
+            f(input i)) or a callable on the ``[128, 7]`` input array; default: the parity of
+            default: majority of the 7 bits. Input order: see
+            :func:`flatprior.data.boolean.boolean_inputs`.
+        download: MNIST only — fetch missing files (md5-verified) when the network allows.
+
+    Labels: digits/MNIST 1 iff digit >= 5; CIFAR-10 cat = 1, automobile = 0.
+    """
+    check_choice("dataset", dataset, DATASETS)
+    if dataset == "boolean":
+        from flatprior.data.boolean import boolean_dataset
+
+        x, y = boolean_dataset(target)
+        return split_pool(x, y, n_train, n_attack, n_test, seed, dataset=dataset)
+    if dataset == "digits":
+        from flatprior.data.digits import load_digits_binary
+
+        x, y = load_digits_binary()
+        return split_pool(x, y, n_train, n_attack, n_test, seed, dataset=dataset)
+    if dataset == "mnist":
+        from flatprior.data.mnist import load_mnist_binary
+
+        splits = load_mnist_binary(data_root, download=download)
+        if "train" in splits:
+            (x, y), (xt, yt) = splits["train"], splits["test"]
+            return split_pool(
+                x,
+                y,
+                n_train,
+                n_attack,
+                n_test,
+                seed,
+                dataset=dataset,
+                x_test_pool=xt,
+                y_test_pool=yt,
+            )
+        x, y = splits["test"]
+        task = split_pool(x, y, n_train, n_attack, n_test, seed, dataset=dataset)
+        task.notes.append(
+            "MNIST training files absent: S, A and E were all drawn from the 10 000 test images"
+        )
+        return task
+    from flatprior.data.cifar10 import load_cifar10_binary
+
+    splits = load_cifar10_binary(data_root)
+    (x, y), (xt, yt) = splits["train"], splits["test"]
+    return split_pool(
+        x, y, n_train, n_attack, n_test, seed, dataset=dataset, x_test_pool=xt, y_test_pool=yt
+    )

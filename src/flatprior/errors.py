@@ -1,0 +1,51 @@
+"""The project's own error type and small validators shared by every module.
+
+Every user-facing mistake (bad file, bad shape, NaN, unknown name, impossible size) raises
+:class:`FlatpriorError` with a one-line message that says what is wrong and how to fix it. The CLI
+prints that line and exits with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from typing import Any
+
+
+class FlatpriorError(ValueError):
+    """A user-facing error: one line that names the problem and the fix."""
+
+
+def check_choice(kind: str, name: str, valid: Iterable[str]) -> str:
+    """Return ``name`` if it is one of ``valid``, else raise listing the valid names."""
+    valid = sorted(valid)
+    if name in valid:
+        return name
+    close = difflib.get_close_matches(str(name), valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise FlatpriorError(f"unknown {kind} {name!r}{hint}; choose one of: {', '.join(valid)}")
+
+
+def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
+    """Raise unless ``value`` is a finite number > 0 (or >= 0 with ``allow_zero``)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise FlatpriorError(f"{name} must be a number, got {value!r}") from None
+    if v != v or v in (float("inf"), float("-inf")):
+        raise FlatpriorError(f"{name} must be finite, got {value!r}")
+    if v < 0 or (v == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise FlatpriorError(f"{name} must be {bound}, got {value!r}")
+
+
+def check_finite_tensor(name: str, x: Any) -> None:
+    """Raise if a torch tensor / numpy array holds NaN or inf (says how many)."""
+    import numpy as np
+
+    arr = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+    if arr.size and not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).sum())
+        raise FlatpriorError(
+            f"{name} contains {bad} NaN/inf value(s); clean or drop them before calling flatprior"
+        )

@@ -1,0 +1,71 @@
+"""Dinh et al. (2017) alpha-scaling: a re-parameterisation that keeps the function."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from flatprior.errors import FlatpriorError, check_positive
+
+WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
+# Modules f with f(a·x) = a·f(x) for a > 0: scaling passes through them unchanged.
+HOMOGENEOUS = (
+    nn.ReLU,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.Flatten,
+    nn.Identity,
+    nn.Dropout,
+)
+
+
+def linear_layers(model: nn.Module) -> list[nn.Module]:
+    """The Linear/Conv layers of ``model`` in registration (forward, for Sequential) order."""
+    return [m for m in model.modules() if isinstance(m, WEIGHTED)]
+
+
+@torch.no_grad()
+def alpha_scale(model: nn.Module, layer_index: int, alpha: float) -> nn.Module:
+    """Return a copy with ``(W_l, b_l, W_{l+1}) -> (alpha W_l, alpha b_l, W_{l+1} / alpha)``.
+
+    For a ReLU network ``relu(alpha z) = alpha relu(z)`` (alpha > 0), so the copy computes the
+    same function while Hessian-based flatness changes by up to ``alpha^{±2}`` (Dinh et al.,
+    "Sharp minima can generalize for deep nets", ICML 2017).
+
+    Args:
+        model: an ``nn.Sequential`` whose modules between layer ``l`` and ``l+1`` are positively
+            homogeneous (ReLU, max/avg-pool, Flatten, Dropout), e.g. ``FCN``, ``SmallCNN``.
+        layer_index: index ``l`` among the Linear/Conv layers (0 = first); ``l+1`` must exist.
+        alpha: scale factor > 0.
+    """
+    check_positive("alpha", alpha)
+    if not isinstance(model, nn.Sequential):
+        raise FlatpriorError(
+            "alpha_scale needs an nn.Sequential network (FCN or SmallCNN); BatchNorm/residual "
+            "networks have no function-preserving alpha-scaling of this form"
+        )
+    mods = list(model)
+    pos = [i for i, m in enumerate(mods) if isinstance(m, WEIGHTED)]
+    if not 0 <= layer_index < len(pos) - 1:
+        raise FlatpriorError(
+            f"layer_index must be in 0..{len(pos) - 2} (a layer followed by another), "
+            f"got {layer_index}"
+        )
+    lo, hi = pos[layer_index], pos[layer_index + 1]
+    for m in mods[lo + 1 : hi]:
+        if not isinstance(m, HOMOGENEOUS):
+            raise FlatpriorError(
+                f"cannot alpha-scale across {m.__class__.__name__}: it is not positively "
+                "homogeneous, the function would change"
+            )
+    new = copy.deepcopy(model)
+    first, second = new[lo], new[hi]
+    first.weight.mul_(alpha)
+    if first.bias is not None:
+        first.bias.mul_(alpha)
+    second.weight.div_(alpha)
+    return new

@@ -1,0 +1,16 @@
+"""Training to zero error: optimizer registry (incl. Entropy-SGD) and the trainer."""
+
+from flatprior.train.entropy_sgd import EntropySGD
+from flatprior.train.optimizers import OPTIMIZERS, make_optimizer
+from flatprior.train.trainer import TrainConfig, TrainResult, evaluate, predict, train
+
+__all__ = [
+    "OPTIMIZERS",
+    "EntropySGD",
+    "TrainConfig",
+    "TrainResult",
+    "evaluate",
+    "make_optimizer",
+    "predict",
+    "train",
+]

@@ -1,0 +1,296 @@
+"""Train a one-logit network with BCE-with-logits until the first epoch of zero training error.
+
+The trainer is a plain loop over pre-loaded CPU tensors (no DataLoader: for |S| ~ 500 its
+per-batch overhead would dominate). After every epoch it evaluates the model in eval mode on S,
+A and E and hands ``(model, metrics)`` to each callback, so measures (sharpness, log P(f), …) can
+hook in. A callback returning ``"stop"`` ends training.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from flatprior.data.tasks import Task
+from flatprior.errors import FlatpriorError, check_choice, check_positive
+from flatprior.train.optimizers import make_optimizer
+
+Callback = Callable[[nn.Module, dict[str, Any]], Any]
+
+
+@dataclass
+class TrainConfig:
+    """How to train. ``lr=None`` takes the optimizer's default (see ``OPTIMIZERS``).
+
+    Attributes:
+        zero_error_on: ``"train"`` stops at 100 % accuracy on S (the study), ``"train+attack"``
+            requires S ∪ A to be fitted.
+        max_epochs: cap on epochs before zero error; reaching it ends with status
+            ``"did_not_reach_zero_error"``.
+        overtrain_epochs: epochs to continue after zero error.
+        collapse_patience: stop with status ``"collapsed"`` when the network has predicted one
+            class for every training input for this many consecutive epochs (0 disables).
+        augment: random crop (pad 4) + horizontal flip of training batches (CIFAR); measurements
+            always use the un-augmented data.
+        fam_strength: λ of the FAM regulariser (relative flatness of the penultimate layer).
+    """
+
+    optimizer: str = "sgd"
+    lr: float | None = None
+    batch_size: int = 128
+    max_epochs: int = 2000
+    overtrain_epochs: int = 0
+    zero_error_on: Literal["train", "train+attack"] = "train"
+    loss_reduction: Literal["mean", "sum"] = "mean"
+    optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
+    collapse_patience: int = 200
+    augment: bool = False
+    fam_strength: float = 0.0
+    track_test: bool = True
+    seed: int = 0
+
+    def validate(self) -> TrainConfig:
+        from flatprior.train.optimizers import OPTIMIZERS
+
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("zero_error_on", self.zero_error_on, ("train", "train+attack"))
+        check_choice("loss_reduction", self.loss_reduction, ("mean", "sum"))
+        if self.lr is not None:
+            check_positive("lr", self.lr)
+        for name in ("batch_size", "max_epochs"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise FlatpriorError(f"{name} must be a whole number >= 1, got {v!r}")
+        if not isinstance(self.overtrain_epochs, int) or self.overtrain_epochs < 0:
+            raise FlatpriorError(f"overtrain_epochs must be >= 0, got {self.overtrain_epochs!r}")
+        check_positive("fam_strength", self.fam_strength, allow_zero=True)
+        return self
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train`. Errors are fractions in [0, 1]; ``attack_error`` is measured
+    against the flipped labels the network was trained on."""
+
+    status: Literal["zero_error", "did_not_reach_zero_error", "collapsed", "stopped"]
+    epochs_to_zero_error: int | None
+    epochs_trained: int
+    train_error: float
+    attack_error: float
+    test_error: float
+    train_loss: float
+    wall_time_s: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    message: str = ""
+
+    @property
+    def reached_zero_error(self) -> bool:
+        return self.epochs_to_zero_error is not None
+
+    def summary(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("history")
+        return d
+
+
+def _loss_fn(reduction: str) -> nn.Module:
+    return nn.BCEWithLogitsLoss(reduction=reduction)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 4096
+) -> tuple[float, float, torch.Tensor]:
+    """Mean BCE loss, accuracy and predictions (0/1, ``[n]``) of ``model`` in eval mode."""
+    if len(y) == 0:
+        return float("nan"), float("nan"), torch.zeros(0)
+    was_training = model.training
+    model.eval()
+    logits = torch.cat(
+        [model(x[i : i + batch_size]).reshape(-1) for i in range(0, len(x), batch_size)]
+    )
+    model.train(was_training)
+    loss = nn.functional.binary_cross_entropy_with_logits(logits, y).item()
+    pred = (logits > 0).float()
+    return loss, (pred == y).float().mean().item(), pred
+
+
+def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 4096) -> torch.Tensor:
+    """Predicted labels in {0, 1} (logit > 0), eval mode, ``[n]`` float32."""
+    return evaluate(model, x, torch.zeros(len(x)), batch_size=batch_size)[2]
+
+
+def _augment(xb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random crop with 4-pixel zero padding and random horizontal flip, per image."""
+    n, _, h, w = xb.shape
+    padded = nn.functional.pad(xb, (4, 4, 4, 4))
+    dx = torch.randint(0, 9, (n,), generator=gen)
+    dy = torch.randint(0, 9, (n,), generator=gen)
+    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None].expand(
+        n, xb.shape[1], h, w + 8
+    )
+    out = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :].expand(n, xb.shape[1], h, w)
+    out = out.gather(3, cols)
+    flip = torch.rand(n, generator=gen) < 0.5
+    out[flip] = out[flip].flip(-1)
+    return out
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def train(
+    model: nn.Module,
+    task: Task,
+    config: TrainConfig | None = None,
+    callbacks: Sequence[Callback] = (),
+    *,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place on S ∪ A until the first epoch with zero error, then overtrain.
+
+    Loss: BCE-with-logits of the single logit against labels in {0, 1} (``mean`` or ``sum`` over
+    the batch). Per epoch the model is evaluated in eval mode and ``metrics`` — ``epoch``,
+    ``phase`` (``"train"`` before zero error, ``"overtrain"`` after), ``train_loss``,
+    ``train_acc``, ``attack_acc``, ``test_acc``, ``test_loss``, ``epoch_time_s`` — is passed to
+    every callback and appended to ``history``. Epoch 0 is the untrained network.
+
+    Reproducible: the batch order (and augmentation, and Entropy-SGD noise) come from ``seed``.
+    """
+    config = (config or TrainConfig()).validate()
+    if len(task.y_train) == 0:
+        raise FlatpriorError("the task has an empty training set; ask for n_train >= 1")
+    x_fit = torch.cat([task.x_train, task.x_attack])
+    y_fit = torch.cat([task.y_train, task.y_attack])
+    n = len(y_fit)
+    opt, spec = make_optimizer(
+        config.optimizer, model.parameters(), config.lr, **config.optimizer_kwargs
+    )
+    batch = n if spec.full_batch else min(config.batch_size, n)
+    loss_fn = _loss_fn(config.loss_reduction)
+    gen = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # Entropy-SGD's Langevin noise uses the global generator
+    needs_closure = config.optimizer == "entropy-sgd"
+    fam = None
+    if config.fam_strength > 0:
+        from flatprior.flatness.relative import fam_regularizer
+
+        fam = fam_regularizer
+    drop_single = _has_batchnorm(model)
+    history: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+    zero_epoch: int | None = None
+    constant_streak = 0
+    status = "did_not_reach_zero_error"
+    message = ""
+
+    def measure(epoch: int, epoch_time: float) -> dict[str, Any]:
+        tr_loss, tr_acc, tr_pred = evaluate(model, task.x_train, task.y_train)
+        _, at_acc, _ = evaluate(model, task.x_attack, task.y_attack)
+        te_loss, te_acc = (float("nan"), float("nan"))
+        if config.track_test:
+            te_loss, te_acc, _ = evaluate(model, task.x_test, task.y_test)
+        m = {
+            "epoch": epoch,
+            "phase": "train" if zero_epoch is None else "overtrain",
+            "train_loss": tr_loss,
+            "train_acc": tr_acc,
+            "attack_acc": at_acc,
+            "test_acc": te_acc,
+            "test_loss": te_loss,
+            "epoch_time_s": epoch_time,
+            "constant": bool(tr_pred.min() == tr_pred.max()),
+        }
+        return m
+
+    def emit(m: dict[str, Any]) -> bool:
+        history.append(m)
+        if progress is not None:
+            progress(m)
+        stop = False
+        for cb in callbacks:
+            stop |= cb(model, m) == "stop"
+        return stop
+
+    stopped = emit(measure(0, 0.0))
+    epoch = 0
+    total_cap = config.max_epochs
+    while not stopped and epoch < total_cap:
+        epoch += 1
+        t0 = time.perf_counter()
+        model.train()
+        perm = torch.randperm(n, generator=gen)
+        for start in range(0, n, batch):
+            idx = perm[start : start + batch]
+            if drop_single and len(idx) == 1 and n > 1:
+                continue  # BatchNorm cannot normalise a batch of one example
+            xb, yb = x_fit[idx], y_fit[idx]
+            if config.augment and xb.dim() == 4:
+                xb = _augment(xb, gen)
+
+            def closure(xb=xb, yb=yb):
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(model(xb).reshape(-1), yb)
+                if fam is not None:
+                    loss = loss + config.fam_strength * fam(model, _loss_fn("mean"), xb, yb)
+                loss.backward()
+                return loss
+
+            if needs_closure:
+                loss = opt.step(closure)
+            else:
+                loss = closure()
+                opt.step()
+            if not math.isfinite(loss.item()):
+                raise FlatpriorError(
+                    f"training loss became {loss.item()} at epoch {epoch}; lower the learning rate "
+                    f"(lr={opt.param_groups[0]['lr']})"
+                )
+        m = measure(epoch, time.perf_counter() - t0)
+        stopped = emit(m)
+        fitted = m["train_acc"] == 1.0 and (
+            config.zero_error_on == "train" or len(task.y_attack) == 0 or m["attack_acc"] == 1.0
+        )
+        if zero_epoch is None and fitted:
+            zero_epoch = epoch
+            status = "zero_error"
+            total_cap = epoch + config.overtrain_epochs
+            continue
+        if zero_epoch is None and config.collapse_patience:
+            constant_streak = constant_streak + 1 if m["constant"] else 0
+            if constant_streak >= config.collapse_patience:
+                status = "collapsed"
+                message = (
+                    f"collapsed: predicted one class for every training input for "
+                    f"{constant_streak} epochs (train accuracy {m['train_acc']:.3f}); lower the "
+                    "learning rate or change the optimizer"
+                )
+                break
+    if stopped and zero_epoch is None:
+        status = "stopped"
+    if status == "did_not_reach_zero_error":
+        message = (
+            f"did not reach zero training error within {config.max_epochs} epochs (train "
+            f"accuracy {history[-1]['train_acc']:.4f}); raise max_epochs or the learning rate"
+        )
+    last = history[-1]
+    return TrainResult(
+        status=status,
+        epochs_to_zero_error=zero_epoch,
+        epochs_trained=epoch,
+        train_error=1.0 - last["train_acc"],
+        attack_error=(1.0 - last["attack_acc"]) if len(task.y_attack) else 0.0,
+        test_error=(1.0 - last["test_acc"]) if config.track_test else float("nan"),
+        train_loss=last["train_loss"],
+        wall_time_s=time.perf_counter() - t_start,
+        history=history,
+        message=message,
+    )
