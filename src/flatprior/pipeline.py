@@ -350,6 +350,13 @@ def run(cfg: RunConfig | dict, *, progress: Callable[[dict], None] | None = None
         "notes": task.notes,
     }
     record.pop("wall_time_s")
+    if cfg.dataset == "boolean":
+        from flatprior.data.boolean import boolean_inputs
+        from flatprior.train import predict
+
+        bits = predict(model, torch.as_tensor(boolean_inputs())).int().tolist()
+        record["function"] = "".join(map(str, bits))  # f on all 128 inputs, input order of
+        # flatprior.data.boolean.boolean_inputs
     record.update(compute_measures(model, task, cfg, cfg.measures))
     record["history"] = result.history
     record["wall_time_s"] = time.perf_counter() - t_start
