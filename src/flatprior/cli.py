@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -121,54 +122,194 @@ def train(
         out.print(f"[yellow]note:[/] {note}")
 
 
+def _print_correlations(table, title: str) -> None:
+    """A correlation table (long form from ``correlation_table``) as a rich table on stdout."""
+    from flatprior.analysis import wide_table
+
+    if table is None or table.empty:
+        out.print(f"[yellow]{title}: not enough zero-error runs with measures to correlate[/]")
+        return
+    w = wide_table(table)
+    t = Table(title=title)
+    for c in w.columns:
+        t.add_column(str(c), justify="left" if c in ("measure", "versus") else "right",
+                     no_wrap=True)
+    for _, r in w.iterrows():
+        t.add_row(*[str(v) for v in r])
+    (out if out.is_terminal else Console(width=200)).print(t)  # pipes/files: no wrapped numbers
+
+
+def _resolve_cli(spec, variant, preset, sets, config, data_root):
+    from flatprior.experiments.specs import load_overrides, parse_sets, resolve
+
+    overrides = {}
+    if config is not None:
+        overrides.update(load_overrides(config))
+    overrides.update(parse_sets(sets or []))
+    if data_root is not None:
+        overrides["data_root"] = str(data_root)
+    return resolve(spec, preset, variant, overrides)
+
+
+@app.command("run")
+def run_cmd(
+    spec: Annotated[str, typer.Argument(help="spec name (see `flatprior list`) or a .toml file")],
+    variant: Annotated[
+        str | None, typer.Argument(help="variant, e.g. mnist-fcn | cifar-fcn | cifar-resnet")
+    ] = None,
+    preset: Annotated[str, typer.Option(help="quick (laptop CPU) | paper (study sizes)")] = "quick",
+    out_db: Annotated[Path, typer.Option("--out", help="SQLite results file")] = Path("results.db"),
+    workers: Annotated[
+        int | None, typer.Option(help="local worker processes (default: all cores)")
+    ] = None,
+    scheduler: Annotated[
+        str | None, typer.Option(help="Dask scheduler address, e.g. tcp://host:8786")
+    ] = None,
+    sets: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="override a run field: FIELD=VALUE (VALUE=[a,b] sweeps it)"),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="TOML file of overrides (field = value, [sweep] table)")
+    ] = None,
+    data_root: Annotated[Path | None, typer.Option(help="folder with MNIST/CIFAR files")] = None,
+    retry_failed: Annotated[bool, typer.Option(help="re-run runs stored as failed")] = False,
+    dry_run: Annotated[bool, typer.Option(help="validate and show the sweep, run nothing")] = False,
+    progress: Annotated[bool, typer.Option(help="show the progress bar")] = True,
+    run_fn: Annotated[str | None, typer.Option(hidden=True, help="module:function")] = None,
+) -> None:
+    """Run an experiment spec (resumable: finished runs in --out are skipped)."""
+    from flatprior.experiments.runner import import_run_fn, preflight, run_sweep
+    from flatprior.experiments.store import Store
+
+    if workers is not None and workers < 1:
+        raise FlatpriorError(f"--workers must be >= 1, got {workers}")
+    res = _resolve_cli(spec, variant, preset, sets, config, data_root)
+    fn = import_run_fn(run_fn) if run_fn else None
+    sweep = ", ".join(f"{k} ({len(v)})" for k, v in res.sweep.items()) or "none"
+    err.print(f"{res.label}: {len(res.configs)} runs; sweep over {sweep}")
+    if dry_run:
+        out.print(json.dumps({"label": res.label, "base": res.base, "sweep": res.sweep,
+                              "n_runs": len(res.configs)}, indent=1, default=str))
+        return
+    if fn is None:
+        preflight(res.configs)
+    with Store(out_db) as store:
+        summary = run_sweep(
+            res.configs, store, res.label, info=res.info(), run_fn=fn, workers=workers,
+            scheduler=scheduler, retry_failed=retry_failed, progress=progress, console=err,
+        )
+    err.print(summary.line())
+    if summary.failed:
+        err.print(f"[yellow]{summary.failed} run(s) failed; their errors are in {out_db} "
+                  "(`flatprior report`); re-run with --retry-failed[/]")
+
+
+@app.command("list")
+def list_cmd(
+    spec: Annotated[str | None, typer.Argument(help="show one spec in detail")] = None,
+) -> None:
+    """List the experiment specs (what each reproduces, runs per preset, what it needs)."""
+    from flatprior.experiments.specs import PRESETS, list_specs, load_spec, resolve
+
+    if spec is not None:
+        s = load_spec(spec)
+        out.print(f"[bold]{s.name}[/]: {s.title}\nreproduces: {s.reproduces}\n{s.description}")
+        for v in list(s.variants) or [None]:
+            for p in PRESETS:
+                r = resolve(s, p, v, build=False)
+                out.print(f"\n[bold]{r.label}[/] ({r.n_runs} runs)"
+                          + (f"  needs: {r.needs}" if r.needs else ""))
+                out.print(json.dumps({"base": r.base, "sweep": r.sweep}, default=str))
+        return
+    t = Table(title="flatprior experiment specs  (flatprior run NAME [VARIANT] --preset P)")
+    for col in ("name", "variants", "reproduces", "quick runs", "paper runs", "needs"):
+        t.add_column(col, justify="right" if "runs" in col else "left", overflow="fold",
+                     no_wrap=col in ("name", "variants"))
+    for name, s in list_specs().items():
+        for v in list(s.variants) or [None]:
+            n = {p: resolve(s, p, v, build=False).n_runs for p in PRESETS}
+            needs = (s.variants[v].needs if v else None) or s.needs or ""
+            first = v in (None, next(iter(s.variants), None))
+            t.add_row(name if first else "", v or "", s.reproduces if first else "",
+                      str(n["quick"]), str(n["paper"]), needs)
+    out.print(t)
+
+
+@app.command("report")
+def report_cmd(
+    db: Annotated[Path, typer.Argument(help="results database written by `flatprior run`")],
+    out_html: Annotated[Path, typer.Option("--out", help="HTML file to write")] = Path(
+        "report.html"
+    ),
+    n_boot: Annotated[int, typer.Option(help="bootstrap resamples for the 95 % CIs")] = 1000,
+    boolean_samples: Annotated[
+        int, typer.Option(help="fig2-boolean: random networks to sample for log P(f) (0: EP only)")
+    ] = 0,
+    export: Annotated[
+        Path | None, typer.Option(help="also write the runs as .csv or .parquet")
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="do not print the correlation tables")] = False,
+) -> None:
+    """Write a self-contained HTML report (figures, correlations, every run's config)."""
+    from flatprior.analysis import write_report
+
+    if n_boot < 0:
+        raise FlatpriorError(f"--n-boot must be >= 0, got {n_boot}")
+    path, sections = write_report(db, out_html, n_boot=n_boot, boolean_samples=boolean_samples)
+    if not quiet:
+        for s in sections:
+            what = ("flatness vs log P(f) of the functions SGD found"
+                    if s.info.get("analysis") == "boolean" else "correlation with generalization")
+            if s.info.get("analysis") != "epochs":
+                _print_correlations(s.correlations, f"{s.label}: {what}")
+    if export is not None:
+        from flatprior.experiments.store import Store
+
+        with Store(db, readonly=True) as store:
+            store.export(export)
+        err.print(f"runs written to {export}")
+    err.print(f"report written to {path}")
+
+
 @app.command()
 def demo(
-    attack: Annotated[str, typer.Option(help="comma list of attack-set sizes")] = "0,100,200,300",
-    seeds: int = 1,
-    n_train: int = 400,
-    n_test: int = 800,
-    measures: Annotated[str, typer.Option(help="comma list of measures, or 'none'")] = "none",
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="folder for results.db and report.html")
+    ] = Path("flatprior-report"),
+    workers: Annotated[int | None, typer.Option(help="worker processes (default: cores)")] = None,
+    n_boot: int = 1000,
 ) -> None:
-    """Attack-set sweep on scikit-learn's digits (embedded, no download): a table in < 2 min."""
-    from flatprior.pipeline import make_config, run
+    """Quick Fig 3 on scikit-learn's digits (no download): correlation table + HTML report."""
+    import time
 
-    sizes = [int(a) for a in attack.split(",")]
-    rows = []
-    prog = Progress(
-        TextColumn("[bold]demo"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} runs"),
-        TimeElapsedColumn(),
-        console=err,
-    )
-    with prog:
-        tid = prog.add_task("demo", total=len(sizes) * seeds)
-        for seed in range(seeds):
-            for a in sizes:
-                cfg = make_config(
-                    dataset="digits",
-                    n_train=n_train,
-                    n_attack=a,
-                    n_test=n_test,
-                    seed=seed,
-                    measures=_measures(measures),
-                    sharpness_epochs=20,
-                )
-                rows.append(run(cfg))
-                prog.advance(tid)
-    table = Table(title="digits attack-set sweep (FCN 64-40-40-1, SGD)")
-    for col in ("|A|", "seed", "epochs", "test error", "sharpness", "log P(f)"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(
-            str(r["n_attack"]),
-            str(r["seed"]),
-            str(r["epochs_to_zero_error"]),
-            f"{r['test_error']:.3f}",
-            f"{r.get('sharpness', float('nan')):.4g}",
-            f"{r.get('log_prior', float('nan')):.1f}",
-        )
-    out.print(table)
+    from flatprior.analysis import write_report
+    from flatprior.experiments.runner import preflight, run_sweep
+    from flatprior.experiments.specs import resolve
+    from flatprior.experiments.store import Store
+
+    t0 = time.perf_counter()
+    res = resolve("fig3", "quick", "mnist-fcn")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FlatpriorError(
+            f"cannot create {out_dir} ({exc.strerror}); choose another --out"
+        ) from None
+    preflight(res.configs)
+    db = out_dir / "results.db"
+    with Store(db) as store:
+        summary = run_sweep(res.configs, store, res.label, info=res.info(), workers=workers,
+                            console=err)
+    err.print(summary.line())
+    path, sections = write_report(db, out_dir / "report.html", n_boot=n_boot)
+    for s in sections:
+        if s.label == res.label:
+            _print_correlations(
+                s.correlations,
+                "digits attack-set sweep (FCN 64-40-40-1, SGD): correlation with generalization",
+            )
+    err.print(f"report written to {path}  ({time.perf_counter() - t0:.0f} s)")
 
 
 def main() -> None:
@@ -176,18 +317,26 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except FlatpriorError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # escape: messages hold shapes like "[n, 28, 28]" that rich would take as markup
+        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         err.print("aborted")
         sys.exit(130)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except Exception as exc:  # click usage errors (bad option, bad value, unknown command)
+        # typer >= 0.16 vendors click as ``typer._click``: its exceptions are not
+        # ``click.ClickException``, so recognise them by their interface instead of their class.
+        if not (hasattr(exc, "exit_code") and hasattr(exc, "format_message")):
+            raise
+        message = exc.format_message()
+        if not message:  # NoArgsIsHelpError: the help text is the message
             exc.show()
-            sys.exit(exc.exit_code)
-        raise
+        else:
+            line = " ".join(message.split()).rstrip(".")
+            err.print(
+                f"[red]error:[/] {escape(line)}; see --help", highlight=False, soft_wrap=True
+            )
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

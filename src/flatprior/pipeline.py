@@ -13,7 +13,7 @@ import json
 import platform
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -31,7 +31,8 @@ NON_KEY_FIELDS = ("data_root",)
 class RunConfig(BaseModel):
     """Every choice of one run. Unknown fields and wrong types are errors."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: an inf/NaN number in a config is always a mistake
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     # data
     dataset: str = "digits"
@@ -40,15 +41,15 @@ class RunConfig(BaseModel):
     n_attack: int = Field(0, ge=0)
     n_test: int | None = Field(1000, ge=0)
     boolean_target: str | None = None
-    data_seed: int | None = None  # None: use ``seed``
+    data_seed: int | None = Field(None, ge=0)  # None: use ``seed``
     # model
     model: str = "fcn"
-    hidden: tuple[int, ...] = (40, 40)
+    hidden: tuple[Annotated[int, Field(ge=1)], ...] = (40, 40)
     width: int | None = Field(None, ge=1)
     sigma_w2: float = Field(2.0, gt=0)
     sigma_b: float = Field(1.0, ge=0)
     # training
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     optimizer: str = "sgd"
     lr: float | None = Field(None, gt=0)
     batch_size: int = Field(128, ge=1)

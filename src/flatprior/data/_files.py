@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import zlib
 from pathlib import Path
 
 from flatprior.errors import FlatpriorError
@@ -20,7 +21,7 @@ def read_bytes(path: Path, *, limit: int = MAX_DECOMPRESSED) -> bytes:
         else:
             with open(path, "rb") as fh:
                 data = fh.read(limit + 1)
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:  # zlib: corrupt deflate
         raise FlatpriorError(
             f"cannot read {path}: {exc.__class__.__name__}: {exc}; the file is corrupted or "
             "truncated, replace it"

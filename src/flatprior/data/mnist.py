@@ -50,6 +50,9 @@ def parse_idx(data: bytes, *, source: str = "IDX data") -> np.ndarray:
         raise FlatpriorError(f"{source}: truncated header ({len(data)} bytes)")
     dims = struct.unpack(f">{ndim}I", data[4:header])
     expected = math.prod(dims)  # Python ints: a forged header cannot overflow
+    if expected == 0:
+        # also stops shapes like (0, 2^32-1, 2^32-1) that numpy refuses ("array is too big")
+        raise FlatpriorError(f"{source}: header says {dims}: the file holds no data; replace it")
     if expected != len(data) - header:
         raise FlatpriorError(
             f"{source}: header says {dims} = {expected} bytes of data but the file holds "

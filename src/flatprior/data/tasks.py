@@ -84,6 +84,7 @@ def split_pool(
         n_test = _check_size("n_test", n_test)
     if n_train == 0:
         raise FlatpriorError("n_train must be >= 1: a task needs a training set")
+    seed = _check_size("seed", seed)  # numpy's SeedSequence wants a non-negative int
     rng = np.random.default_rng(seed)
     n_pool = len(x)
     sep_test = x_test_pool is not None

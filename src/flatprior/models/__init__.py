@@ -45,6 +45,8 @@ def make_model(
     """
     check_choice("model", name, MODELS)
     input_shape = tuple(int(v) for v in input_shape)
+    if width is not None and (isinstance(width, bool) or int(width) != width or width < 1):
+        raise FlatpriorError(f"width must be a whole number >= 1 (or None), got {width!r}")
     if name == "fcn":
         model: nn.Module = FCN((int(np.prod(input_shape)), *hidden, 1))
     elif name == "cnn":

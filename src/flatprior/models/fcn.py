@@ -46,6 +46,11 @@ class SmallCNN(nn.Sequential):
         if len(input_shape) != 3:
             raise FlatpriorError(f"SmallCNN needs image inputs [C, H, W], got {tuple(input_shape)}")
         c, h, w = (int(v) for v in input_shape)
+        if c < 1 or h < 4 or w < 4:
+            raise FlatpriorError(
+                f"SmallCNN needs >= 1 channel and images of at least 4x4 pixels (two 2x2 "
+                f"max-pools), got {tuple(input_shape)}; use the fcn model for smaller inputs"
+            )
         c1, c2 = channels
         super().__init__(
             nn.Conv2d(c, c1, 3, padding=1),

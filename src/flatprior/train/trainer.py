@@ -18,7 +18,12 @@ import torch
 from torch import nn
 
 from flatprior.data.tasks import Task
-from flatprior.errors import FlatpriorError, check_choice, check_positive
+from flatprior.errors import (
+    FlatpriorError,
+    check_choice,
+    check_finite_tensor,
+    check_positive,
+)
 from flatprior.train.optimizers import make_optimizer
 
 Callback = Callable[[nn.Module, dict[str, Any]], Any]
@@ -147,6 +152,63 @@ def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+def check_task(model: nn.Module, task: Task) -> None:
+    """Raise :class:`FlatpriorError` unless ``task`` is something ``model`` can be trained on.
+
+    Checks (before any training, so a bad hand-made task fails in milliseconds with a clear
+    message rather than as a torch shape error or a misleading "loss became nan"): tensors,
+    float inputs without NaN/inf, labels in {0, 1} with one per input, the same input shape in
+    every split, and one logit per input from ``model``.
+    """
+    if not isinstance(model, nn.Module):
+        raise FlatpriorError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    shape = None
+    for split in ("train", "attack", "test"):
+        x, y = getattr(task, f"x_{split}"), getattr(task, f"y_{split}")
+        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+            raise FlatpriorError(f"task.x_{split}/y_{split} must be torch tensors")
+        if not x.is_floating_point():
+            raise FlatpriorError(
+                f"task.x_{split} has dtype {x.dtype}; inputs must be float (use .float())"
+            )
+        if y.dim() != 1 or len(y) != len(x):
+            raise FlatpriorError(
+                f"task.y_{split} must be a vector with one label per input: x_{split} has "
+                f"{len(x)} rows, y_{split} has shape {tuple(y.shape)}"
+            )
+        if len(x) and shape is not None and tuple(x.shape[1:]) != shape:
+            raise FlatpriorError(
+                f"task.x_{split} inputs have shape {tuple(x.shape[1:])} but x_train has {shape}"
+            )
+        if split == "train":
+            shape = tuple(x.shape[1:])
+        check_finite_tensor(f"task.x_{split}", x)
+        if len(y) and not bool(((y == 0) | (y == 1)).all()):
+            bad = y[(y != 0) & (y != 1)][:3].tolist()
+            raise FlatpriorError(
+                f"task.y_{split} must hold labels in {{0, 1}}, found {bad}; binarise the labels"
+            )
+    if len(task.y_train) == 0:
+        raise FlatpriorError("the task has an empty training set; ask for n_train >= 1")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            probe = model(task.x_train[:1])
+    except (RuntimeError, ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise FlatpriorError(
+            f"the model does not accept inputs of shape {list(task.x_train.shape[1:])} ({first}); "
+            "build it with make_model(name, task.input_shape)"
+        ) from None
+    finally:
+        model.train(was_training)
+    if probe.numel() != 1:
+        raise FlatpriorError(
+            f"the model must output one logit per input, got {tuple(probe.shape)} for one input"
+        )
+
+
 def train(
     model: nn.Module,
     task: Task,
@@ -166,8 +228,7 @@ def train(
     Reproducible: the batch order (and augmentation, and Entropy-SGD noise) come from ``seed``.
     """
     config = (config or TrainConfig()).validate()
-    if len(task.y_train) == 0:
-        raise FlatpriorError("the task has an empty training set; ask for n_train >= 1")
+    check_task(model, task)
     x_fit = torch.cat([task.x_train, task.x_attack])
     y_fit = torch.cat([task.y_train, task.y_attack])
     n = len(y_fit)

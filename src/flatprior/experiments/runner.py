@@ -1,0 +1,322 @@
+"""Run many configurations: local worker processes or a Dask cluster; results into a Store.
+
+Only the calling process writes the store: workers (processes or Dask workers) return records and
+the parent writes each one in its own transaction as it arrives. Keys already in the store are
+skipped (``--retry-failed`` re-runs the ``failed`` ones), so a killed sweep resumes where it
+stopped. A run that raises is recorded with ``status = "failed"`` and its error text; the sweep
+goes on.
+
+The run function is injectable (``run_fn``: any picklable ``dict -> record dict`` function, by
+default :func:`flatprior.pipeline.run`), which is how the tests use cheap fakes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import sys
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from flatprior.errors import FlatpriorError
+from flatprior.experiments.store import FAILED, Store
+
+RunFn = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+@dataclass
+class SweepSummary:
+    """What a call to :func:`run_sweep` did."""
+
+    label: str
+    total: int
+    skipped: int
+    done: int
+    failed: int
+    wall_time_s: float
+
+    def line(self) -> str:
+        return (
+            f"{self.label}: {self.total} runs, {self.skipped} already stored, {self.done} run now "
+            f"({self.failed} failed) in {self.wall_time_s:.1f} s"
+        )
+
+
+def default_run_fn(cfg: dict[str, Any]) -> dict[str, Any]:
+    """:func:`flatprior.pipeline.run` (imported lazily, so workers import torch only here)."""
+    from flatprior.pipeline import run
+
+    return run(cfg)
+
+
+def import_run_fn(path: str) -> RunFn:
+    """``"package.module:function"`` -> the function (for ``flatprior run --run-fn``)."""
+    mod, sep, name = path.partition(":")
+    if not sep:
+        raise FlatpriorError(f"--run-fn {path!r}: use module:function")
+    try:
+        fn = getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as exc:
+        raise FlatpriorError(f"--run-fn {path!r}: cannot import ({exc})") from None
+    if not callable(fn):
+        raise FlatpriorError(f"--run-fn {path!r} is not callable")
+    return fn
+
+
+def _single_thread() -> None:
+    """One BLAS/torch thread in this worker: workers share the cores, and for the study's small
+    networks oversubscription costs more than intra-op parallelism gains."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = "1"  # read by torch/numpy when they are first imported
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
+
+
+def execute(run_fn: RunFn, cfg: dict[str, Any], single_thread: bool = False) -> dict[str, Any]:
+    """Run one config in a worker; never raises: an exception becomes a ``failed`` record."""
+    if single_thread:
+        _single_thread()
+    t0 = time.perf_counter()
+    try:
+        rec = dict(run_fn(cfg))
+    except Exception as exc:  # recorded, not fatal to the sweep
+        tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
+        return {
+            "status": FAILED,
+            "error": f"{type(exc).__name__}: {exc}",
+            "traceback": "".join(tb[-6:]),
+            "wall_time_s": time.perf_counter() - t0,
+        }
+    rec.setdefault("status", "done")
+    return rec
+
+
+def _finish(rec: dict[str, Any], key: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Make a worker's record storable: the config's key, the config, JSON-safe numbers."""
+    rec = _json_safe(rec)
+    rec["key"] = key
+    rec.setdefault("config", cfg)
+    if rec.get("status") == FAILED:
+        rec.setdefault("error", "unknown error")
+    return rec
+
+
+def _json_safe(obj):
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        try:
+            return _json_safe(obj.item())
+        except (TypeError, ValueError):
+            return str(obj)
+    return obj
+
+
+def preflight(configs: Sequence) -> None:
+    """Fail fast (one line) on what would make every run fail: missing data files, sizes larger
+    than the data set, the arc-cosine kernel asked of a non-FCN model."""
+    from flatprior.pipeline import build_task
+
+    seen = set()
+    for cfg in configs:
+        if "log_prior" in (*cfg.measures, *cfg.epoch_measures) and cfg.kernel == "arccos":
+            if cfg.model != "fcn":
+                raise FlatpriorError(
+                    f"log_prior with the arc-cosine kernel needs model='fcn', not {cfg.model!r}; "
+                    "use --set kernel=empirical"
+                )
+    worst: dict[tuple, Any] = {}
+    for cfg in configs:
+        sig = (cfg.dataset, cfg.data_root, cfg.n_train, cfg.n_test, cfg.boolean_target)
+        if sig not in worst or cfg.n_attack > worst[sig].n_attack:
+            worst[sig] = cfg
+    for sig, cfg in worst.items():
+        if sig in seen:
+            continue
+        seen.add(sig)
+        build_task(cfg)  # raises FlatpriorError with the data loader's message
+
+
+def _progress(console, label: str, total: int, enabled: bool):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    prog = Progress(
+        SpinnerColumn(),
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[failed]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+    )
+    tid = prog.add_task(label, total=total, failed="")
+    return prog, tid
+
+
+def run_sweep(
+    configs: Iterable,
+    store: Store,
+    label: str,
+    *,
+    info: dict[str, Any] | None = None,
+    run_fn: RunFn | None = None,
+    workers: int | None = None,
+    scheduler: str | Any | None = None,
+    retry_failed: bool = False,
+    progress: bool = True,
+    console=None,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+    connect_timeout: float = 20.0,
+) -> SweepSummary:
+    """Run every configuration not yet in ``store`` and store each record as it arrives.
+
+    Args:
+        configs: :class:`flatprior.pipeline.RunConfig` objects (e.g. ``resolve(...).configs``).
+        store: the results database (written only by this process).
+        label: the spec label the runs are listed under (``fig3/mnist-fcn@quick``).
+        info: the spec description stored with the label (for reports).
+        run_fn: picklable ``dict -> record`` function; default :func:`flatprior.pipeline.run`.
+        workers: local worker processes (default: all cores); 1 runs in this process.
+        scheduler: a Dask scheduler address (``tcp://host:8786``) or a ``dask.distributed.Client``;
+            then ``workers`` is ignored.
+        retry_failed: re-run keys stored with status ``failed``.
+        progress: show a rich progress bar with ETA (on stderr).
+        on_record: called with each stored record (in this process).
+        connect_timeout: seconds to wait for the Dask scheduler.
+
+    Returns:
+        A :class:`SweepSummary`.
+    """
+    t0 = time.perf_counter()
+    run_fn = run_fn or default_run_fn
+    configs = list(configs)
+    stored = store.statuses()
+    todo, skipped = [], []
+    for cfg in configs:
+        key = cfg.key()
+        st = stored.get(key)
+        if st is None or (retry_failed and st == FAILED):
+            todo.append((key, cfg.model_dump(mode="json")))
+        else:
+            skipped.append(key)
+    store.set_spec(label, info or {"label": label})
+    store.add_members(label, skipped)
+    summary = SweepSummary(label, len(configs), len(skipped), 0, 0, 0.0)
+    if not todo:
+        summary.wall_time_s = time.perf_counter() - t0
+        return summary
+    if console is None:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+    prog, tid = _progress(console, label, len(todo), progress)
+
+    def take(key: str, cfg: dict[str, Any], rec: dict[str, Any]) -> None:
+        rec = _finish(rec, key, cfg)
+        store.put(rec, label)
+        summary.done += 1
+        if rec["status"] == FAILED:
+            summary.failed += 1
+            prog.update(tid, failed=f"[red]{summary.failed} failed")
+        prog.advance(tid)
+        if on_record is not None:
+            on_record(rec)
+
+    with prog:
+        if scheduler is not None:
+            _run_dask(todo, run_fn, scheduler, take, connect_timeout)
+        else:
+            n = workers if workers is not None else (os.cpu_count() or 1)
+            if n < 1:
+                raise FlatpriorError(f"--workers must be >= 1, got {n}")
+            n = min(n, len(todo))
+            if n == 1:
+                for key, cfg in todo:
+                    take(key, cfg, execute(run_fn, cfg))
+            else:
+                _run_pool(todo, run_fn, n, take)
+    summary.wall_time_s = time.perf_counter() - t0
+    return summary
+
+
+def _run_pool(todo, run_fn: RunFn, n: int, take) -> None:
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    # spawn, not fork: the parent may hold torch/BLAS thread pools that do not survive a fork
+    pool = ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"), initializer=_single_thread)
+    try:
+        futs = {pool.submit(execute, run_fn, cfg, True): (key, cfg) for key, cfg in todo}
+        for fut in as_completed(futs):
+            key, cfg = futs[fut]
+            try:
+                rec = fut.result()
+            except BrokenProcessPool:
+                raise FlatpriorError(
+                    "a worker process died (out of memory or killed); finished runs are saved, "
+                    "re-run the same command to resume (try fewer --workers)"
+                ) from None
+            take(key, cfg, rec)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _run_dask(todo, run_fn: RunFn, scheduler, take, timeout: float) -> None:
+    try:
+        from dask.distributed import Client, as_completed
+    except ImportError:  # pragma: no cover - dask is a dependency
+        raise FlatpriorError(
+            "--scheduler needs dask[distributed]; pip install 'dask[distributed]'"
+        ) from None
+    own = not isinstance(scheduler, Client)
+    if own:
+        try:
+            client = Client(scheduler, timeout=f"{timeout}s")
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise FlatpriorError(
+                f"cannot reach the Dask scheduler at {scheduler!r} ({exc}); check the address "
+                "(tcp://host:8786) and that `dask scheduler` is running"
+            ) from None
+    else:
+        client = scheduler
+    try:
+        futs = {}
+        for key, cfg in todo:
+            dkey = f"flatprior-{key}-{uuid.uuid4().hex[:8]}"
+            f = client.submit(execute, run_fn, cfg, True, pure=False, key=dkey)
+            futs[f] = (key, cfg)
+        for fut in as_completed(list(futs)):
+            key, cfg = futs[fut]
+            try:
+                rec = fut.result()
+            except Exception as exc:  # e.g. KilledWorker: the run's worker died repeatedly
+                rec = {"status": FAILED, "error": f"{type(exc).__name__}: {exc}"}
+            take(key, cfg, rec)
+            fut.release()
+    finally:
+        if own:
+            client.close()

@@ -1,0 +1,267 @@
+"""SQLite store of run records: resumable, one transaction per run, safe to kill.
+
+Layout (schema version :data:`SCHEMA_VERSION`):
+
+* ``meta(name PRIMARY KEY, value)`` — ``schema_version`` and the ``flatprior`` version that
+  created the file;
+* ``runs(key PRIMARY KEY, status, created, record)`` — one row per run configuration, the record
+  as JSON (config inside it: the result carries its configuration, not a file name);
+* ``specs(label PRIMARY KEY, info)`` — each spec label run into this file (e.g.
+  ``fig3/mnist-fcn@quick``) with its resolved description (JSON), for reports;
+* ``members(spec, key)`` — which spec label asked for which run (a run shared by two specs is
+  stored once and listed in both).
+
+The database is opened in WAL mode. Every record is written in its own transaction, so a process
+killed at any moment leaves either the whole row or nothing. Only the process that owns the
+:class:`Store` writes; workers return records to it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from flatprior.errors import FlatpriorError
+
+SCHEMA_VERSION = 1
+#: statuses that mean "this key is done; skip it when the sweep is re-run"
+FAILED = "failed"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    key TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    created REAL NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS specs (label TEXT PRIMARY KEY, info TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS members (
+    spec TEXT NOT NULL,
+    key TEXT NOT NULL,
+    PRIMARY KEY (spec, key)
+);
+CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
+CREATE INDEX IF NOT EXISTS members_key ON members(key);
+"""
+
+
+class Store:
+    """A results database (SQLite file). Use as a context manager or call :meth:`close`.
+
+    Args:
+        path: the ``.db`` file; created (with its schema) if absent.
+        readonly: open an existing file for reading only (reports).
+
+    Raises:
+        FlatpriorError: the path cannot be written, is not a SQLite file, or was written by
+            another schema version.
+    """
+
+    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
+        self.path = Path(path).expanduser()
+        if readonly and not self.path.is_file():
+            raise FlatpriorError(f"no results database at {self.path}; run `flatprior run` first")
+        if not readonly:
+            parent = self.path.parent
+            if not parent.is_dir():
+                raise FlatpriorError(
+                    f"cannot write results to {self.path}: folder {parent} does not exist; "
+                    "create it or choose another --out"
+                )
+            if self.path.is_dir():
+                raise FlatpriorError(f"--out {self.path} is a folder; give a file name like r.db")
+        try:
+            if readonly:
+                uri = f"file:{self.path.resolve()}?mode=ro"
+                self._con = sqlite3.connect(uri, uri=True, timeout=30)
+            else:
+                self._con = sqlite3.connect(self.path, timeout=30)
+            self._con.execute("PRAGMA busy_timeout=30000")
+            if not readonly:
+                self._con.execute("PRAGMA journal_mode=WAL")
+                self._con.execute("PRAGMA synchronous=NORMAL")
+            self._check_or_create(readonly)
+        except sqlite3.DatabaseError as exc:
+            self._close_quietly()
+            msg = str(exc)
+            if "not a database" in msg or "malformed" in msg:
+                raise FlatpriorError(
+                    f"{self.path} is not a flatprior results database (SQLite: {msg}); "
+                    "choose another --out"
+                ) from None
+            raise FlatpriorError(
+                f"cannot open results database {self.path} ({msg}); check that the folder is "
+                "writable or choose another --out"
+            ) from None
+
+    # -- schema ------------------------------------------------------------------------------
+    def _check_or_create(self, readonly: bool) -> None:
+        tables = {
+            r[0] for r in self._con.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
+        if not tables:
+            if readonly:
+                raise FlatpriorError(f"{self.path} is empty, not a flatprior results database")
+            from flatprior import __version__
+
+            with self._con:
+                self._con.executescript(_SCHEMA)
+                self._con.executemany(
+                    "INSERT INTO meta VALUES (?, ?)",
+                    [("schema_version", str(SCHEMA_VERSION)), ("created_by", __version__)],
+                )
+            return
+        if not {"meta", "runs", "specs", "members"} <= tables:
+            raise FlatpriorError(
+                f"{self.path} is a SQLite file but not a flatprior results database; "
+                "choose another --out"
+            )
+        row = self._con.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
+        found = row[0] if row else "none"
+        if found != str(SCHEMA_VERSION):
+            raise FlatpriorError(
+                f"{self.path} has results schema version {found}, this flatprior reads version "
+                f"{SCHEMA_VERSION}; use a new --out file (or the flatprior version that wrote it)"
+            )
+
+    # -- writing -----------------------------------------------------------------------------
+    def put(self, record: dict[str, Any], spec: str | None = None) -> None:
+        """Insert or replace one run record in one transaction (needs ``key`` and ``status``)."""
+        key, status = record.get("key"), record.get("status")
+        if not key or not status:
+            raise FlatpriorError("a record needs 'key' and 'status' to be stored")
+        try:
+            blob = json.dumps(record, allow_nan=False, separators=(",", ":"))
+        except ValueError as exc:
+            raise FlatpriorError(f"record {key} is not JSON-serialisable ({exc})") from None
+        with self._con:  # BEGIN … COMMIT, or ROLLBACK on error: never a partial row
+            self._con.execute(
+                "INSERT OR REPLACE INTO runs(key, status, created, record) VALUES (?, ?, ?, ?)",
+                (key, status, time.time(), blob),
+            )
+            if spec:
+                self._con.execute("INSERT OR IGNORE INTO members VALUES (?, ?)", (spec, key))
+
+    def set_spec(self, label: str, info: dict[str, Any]) -> None:
+        """Store (or update) the description of a spec label."""
+        with self._con:
+            self._con.execute(
+                "INSERT OR REPLACE INTO specs VALUES (?, ?)", (label, json.dumps(info, default=str))
+            )
+
+    def spec_info(self, label: str) -> dict[str, Any]:
+        """The description stored by :meth:`set_spec` (``{}`` if none)."""
+        row = self._con.execute("SELECT info FROM specs WHERE label = ?", (label,)).fetchone()
+        return json.loads(row[0]) if row else {}
+
+    def add_members(self, spec: str, keys: Iterable[str]) -> None:
+        """List already-stored runs under ``spec`` too (a re-run that skipped them)."""
+        with self._con:
+            self._con.executemany(
+                "INSERT OR IGNORE INTO members VALUES (?, ?)", [(spec, k) for k in keys]
+            )
+
+    # -- reading -----------------------------------------------------------------------------
+    def statuses(self) -> dict[str, str]:
+        """``key -> status`` of every stored run."""
+        return dict(self._con.execute("SELECT key, status FROM runs"))
+
+    def specs(self) -> list[str]:
+        """Names of the specs with runs in this database, in order of first appearance."""
+        rows = self._con.execute(
+            "SELECT m.spec, MIN(r.created) AS t FROM members m JOIN runs r ON r.key = m.key "
+            "GROUP BY m.spec ORDER BY t"
+        )
+        return [r[0] for r in rows]
+
+    def records(
+        self, spec: str | None = None, status: str | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Stored records (dicts, with ``created``), optionally of one spec and/or status."""
+        q = "SELECT r.record, r.created FROM runs r"
+        args: list[Any] = []
+        where = []
+        if spec is not None:
+            q += " JOIN members m ON m.key = r.key"
+            where.append("m.spec = ?")
+            args.append(spec)
+        if status is not None:
+            where.append("r.status = ?")
+            args.append(status)
+        if where:
+            q += " WHERE " + " AND ".join(where)
+        q += " ORDER BY r.created, r.key"
+        for blob, created in self._con.execute(q, args):
+            rec = json.loads(blob)
+            rec["created"] = created
+            yield rec
+
+    def count(self) -> int:
+        return int(self._con.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
+
+    def to_frame(self, spec: str | None = None, status: str | None = None):
+        """Records as a pandas DataFrame of scalar fields (see :func:`flatten_record`)."""
+        import pandas as pd
+
+        rows = [flatten_record(r) for r in self.records(spec, status)]
+        if spec is not None:
+            for r in rows:
+                r["spec"] = spec
+        return pd.DataFrame(rows)
+
+    def export(self, path: str | Path, spec: str | None = None) -> Path:
+        """Write the flattened records to ``.csv`` or ``.parquet`` (chosen by the suffix)."""
+        path = Path(path)
+        df = self.to_frame(spec)
+        if path.suffix == ".csv":
+            df.to_csv(path, index=False)
+        elif path.suffix in (".parquet", ".pq"):
+            df.to_parquet(path, index=False)
+        else:
+            raise FlatpriorError(f"export to {path.name}: use a .csv or .parquet file name")
+        return path
+
+    # -- lifetime ----------------------------------------------------------------------------
+    def close(self) -> None:
+        self._close_quietly()
+
+    def _close_quietly(self) -> None:
+        con = getattr(self, "_con", None)
+        if con is not None:
+            try:
+                con.close()
+            except sqlite3.Error:
+                pass
+            self._con = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def flatten_record(rec: dict[str, Any]) -> dict[str, Any]:
+    """One DataFrame row: the record's scalar fields, then config fields not already present.
+
+    Lists in the config (``hidden``, ``measures``) become compact JSON strings; ``history``,
+    ``notes``, ``traceback`` and ``versions`` are dropped (``versions`` is kept as
+    ``flatprior_version``).
+    """
+    row: dict[str, Any] = {}
+    for k, v in rec.items():
+        if k in ("config", "history", "versions", "notes", "traceback"):
+            continue
+        if v is None or isinstance(v, (str, int, float, bool)):
+            row[k] = v
+    for k, v in (rec.get("config") or {}).items():
+        if k in row:
+            continue
+        row[k] = json.dumps(v) if isinstance(v, (list, dict)) else v
+    row["flatprior_version"] = (rec.get("versions") or {}).get("flatprior")
+    return row

@@ -1,0 +1,43 @@
+"""Function prior log P(f): NNGP kernels, EP for the orthant probability, exact references,
+the Boolean sampler and the PAC-Bayes bound."""
+
+from flatprior.prior.api import LOG_PRIOR_METHODS, function_log_prior, log_prior
+from flatprior.prior.boolean import (
+    BooleanPrior,
+    boolean_inputs,
+    function_bits,
+    function_hex,
+    sample_boolean_prior,
+)
+from flatprior.prior.bounds import pac_bayes_bound
+from flatprior.prior.ep import EPResult, log_prior_ep, log_prior_probit
+from flatprior.prior.exact import (
+    MCOrthantResult,
+    OrthantResult,
+    exact_log_orthant_prob,
+    mc_log_orthant_prob,
+    orthant_prob_closed_form,
+)
+from flatprior.prior.kernels import arccos_kernel, empirical_kernel
+
+__all__ = [
+    "LOG_PRIOR_METHODS",
+    "BooleanPrior",
+    "EPResult",
+    "MCOrthantResult",
+    "OrthantResult",
+    "arccos_kernel",
+    "boolean_inputs",
+    "empirical_kernel",
+    "exact_log_orthant_prob",
+    "function_bits",
+    "function_hex",
+    "function_log_prior",
+    "log_prior",
+    "log_prior_ep",
+    "log_prior_probit",
+    "mc_log_orthant_prob",
+    "orthant_prob_closed_form",
+    "pac_bayes_bound",
+    "sample_boolean_prior",
+]

@@ -1,0 +1,88 @@
+"""One entry point for log P(f): choose the estimator by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flatprior.errors import FlatpriorError, check_choice
+
+__all__ = ["LOG_PRIOR_METHODS", "log_prior", "function_log_prior"]
+
+#: estimator name -> what it computes
+LOG_PRIOR_METHODS = {
+    "ep": "expectation propagation (log_prior_ep), any n",
+    "exact": "Genz quasi-Monte-Carlo orthant integral (exact_log_orthant_prob), n <= 20",
+    "mc": "plain Monte-Carlo on z ~ N(0, K) (mc_log_orthant_prob), P not too small",
+    "tilting": "importance sampling with a tilted proposal (log_prior_tilting)",
+}
+
+
+def log_prior(K, y, method: str = "ep", **kwargs: Any):
+    """``ln P(sign z = y)`` for ``z ~ N(0, K)`` with the chosen estimator.
+
+    Args:
+        K: prior covariance ``[n, n]``.
+        y: labels ``[n]`` in ``{±1}`` or ``{0, 1}``.
+        method: one of :data:`LOG_PRIOR_METHODS` (``"ep"``, ``"exact"``, ``"mc"``,
+            ``"tilting"``).
+        **kwargs: passed to the estimator.
+
+    Returns:
+        The estimator's result object; every one has ``.log_prob`` (natural log).
+    """
+    check_choice("log-prior method", method, LOG_PRIOR_METHODS)
+    if method == "ep":
+        from flatprior.prior.ep import log_prior_ep
+
+        return log_prior_ep(K, y, **kwargs)
+    if method == "exact":
+        from flatprior.prior.exact import exact_log_orthant_prob
+
+        return exact_log_orthant_prob(K, y, **kwargs)
+    if method == "mc":
+        from flatprior.prior.exact import mc_log_orthant_prob
+
+        return mc_log_orthant_prob(K, y, **kwargs)
+    try:
+        from flatprior.prior.tilting import log_prior_tilting
+    except ImportError as exc:  # written separately; report cleanly if absent
+        raise FlatpriorError(f"method 'tilting' is not available ({exc}); use 'ep'") from None
+    return log_prior_tilting(K, y, **kwargs)
+
+
+def function_log_prior(
+    x,
+    labels01,
+    *,
+    kernel: str = "arccos",
+    depth: int = 2,
+    sigma_w2: float = 2.0,
+    sigma_b2: float = 1.0,
+    method: str = "ep",
+    **kwargs: Any,
+):
+    """``ln P(f)`` of the function with labels ``labels01`` on inputs ``x`` under the NNGP prior.
+
+    Builds ``K = arccos_kernel(x, depth, sigma_w2, sigma_b2)`` (the NNGP kernel of a ReLU FCN
+    with ``depth`` hidden layers, He-normal weights and N(0, sigma_b2) biases by default) and
+    returns ``log_prior(K, labels01, method, **kwargs)``. The trainer calls this on S ∪ E
+    with the network's own predictions (logit > 0) as labels.
+
+    Args:
+        x: inputs ``[n, ...]``.
+        labels01: labels ``[n]`` in ``{0, 1}`` (or ``{±1}``).
+        kernel: only ``"arccos"``.
+        depth, sigma_w2, sigma_b2: kernel parameters (see :func:`arccos_kernel`).
+        method: estimator (see :func:`log_prior`).
+        **kwargs: passed to the estimator.
+    """
+    check_choice("kernel", kernel, ["arccos"])
+    check_choice("log-prior method", method, LOG_PRIOR_METHODS)
+    from flatprior.prior.kernels import arccos_kernel
+
+    n_x = x.shape[0] if hasattr(x, "shape") else len(x)
+    n_y = labels01.shape[0] if hasattr(labels01, "shape") else len(labels01)
+    if n_x != n_y:
+        raise FlatpriorError(f"x has {n_x} inputs but labels01 has {n_y}; give one label each")
+    K = arccos_kernel(x, depth=depth, sigma_w2=sigma_w2, sigma_b2=sigma_b2)
+    return log_prior(K, labels01, method=method, **kwargs)

@@ -1,0 +1,431 @@
+r"""Expectation propagation for the Gaussian orthant probability log P(f) = log P(sign z = y).
+
+Model: ``z ~ N(0, K)`` and the Heaviside (zero-temperature) likelihood
+``p(y_i | z_i) = 1[y_i z_i > 0]``; the marginal likelihood is the orthant probability
+``P(f)`` of Zhang et al. (arXiv 2103.06219). Parallel EP (Minka 2001; Rasmussen & Williams 2006,
+§3.6; van Gerven et al. 2010) replaces each likelihood factor by a Gaussian site
+``t_i(z_i) ∝ exp(-tau_i z_i^2 / 2 + nu_i z_i)`` and updates all sites at once from the
+moments of the tilted (truncated Gaussian) marginals.
+
+Numerics (float64, LAPACK through scipy, which uses both cores):
+
+* one iteration = one Cholesky ``B = I + S^{1/2} K S^{1/2} = L L^T`` (``S = diag(tau)``) plus one
+  triangular inverse ``L^{-1}`` (LAPACK ``dtrtri``), both in place in a single ``[n, n]`` buffer;
+  ``diag(B^{-1})`` are the column norms of ``L^{-1}``, and
+  ``Sigma_ii = (1 - B^{-1}_ii) / tau_i``, cavity variance ``v_i = Sigma_ii / B^{-1}_ii``
+  (Schur complement identity ``B^{-1}_ii = 1 / (1 + tau_i v_i)``). No ``n x n`` solve against
+  ``K`` and no ``n x n`` product is needed; the posterior mean costs four mat-vecs.
+* ``1 - B^{-1}_ii`` loses digits when site ``i`` is very weak (``tau_i Sigma_ii`` tiny); for
+  those sites ``Sigma_ii = K_ii - ||L^{-1} S^{1/2} K e_i||^2`` is computed directly.
+* tilted moments use ``r = N(z)/Phi(z) = sqrt(2/pi) / erfcx(-z/sqrt 2)`` and
+  ``log Phi = scipy.special.log_ndtr``, plus asymptotic series deep in the wrong tail, so
+  nothing underflows or cancels for cavity means far on the wrong side.
+* the EP log marginal likelihood follows Rasmussen & Williams eq. (3.65) in the form of GPML's
+  ``infEP`` (eq. 3.73 style), evaluated at the current sites with their own cavities.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.linalg import lapack
+from scipy.special import erfcx, log_ndtr
+
+from flatprior.errors import FlatpriorError, check_choice, check_positive
+from flatprior.prior._validate import as_kernel_and_signs
+
+__all__ = ["EPResult", "log_prior_ep", "log_prior_probit", "heaviside_tilted_moments"]
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+# Beyond this many standard deviations on the wrong side, use asymptotic series (direct
+# formulas would cancel catastrophically); the series are accurate to ~1e-13 there.
+_TAIL = 40.0
+# Sites with 1 - B^{-1}_ii below this get Sigma_ii from the direct (K-side) formula.
+_WEAK_SITE = 1e-7
+
+
+@dataclass(frozen=True)
+class EPResult:
+    """Result of :func:`log_prior_ep`.
+
+    Attributes:
+        log_prob: EP estimate of ``ln P(sign z = y)`` (natural log, ``<= 0`` in exact arithmetic
+            for a probability; EP itself is an approximation).
+        converged: whether the stopping rule was met within ``max_iter`` iterations.
+        n_iter: number of parallel site updates done.
+        max_site_change: ``max |Δtau|, |Δnu|`` of the last update (sites of the kernel scaled
+            to unit mean diagonal).
+        log_prob_change: ``|Δ log_prob|`` between the last two iterations.
+        stop_rule: ``"sites"`` or ``"log_prob"`` (which criterion ended the run) or ``"max_iter"``.
+        jitter: diagonal jitter added to ``K`` (absolute, in the units of the input ``K``).
+        damping: damping in use at the end (raised automatically when EP oscillated).
+        site_tau, site_nu: site natural parameters, in the units of the input ``K``.
+        post_mean, post_var: marginal means and variances of the EP posterior ``q(z)``.
+        history: ``log_prob`` after each iteration (first entry: sites all zero).
+    """
+
+    log_prob: float
+    converged: bool
+    n_iter: int
+    max_site_change: float
+    log_prob_change: float
+    stop_rule: str
+    jitter: float
+    damping: float
+    site_tau: np.ndarray = field(repr=False)
+    site_nu: np.ndarray = field(repr=False)
+    post_mean: np.ndarray = field(repr=False)
+    post_var: np.ndarray = field(repr=False)
+    history: tuple[float, ...] = field(repr=False, default=())
+
+    @property
+    def log10_prob(self) -> float:
+        """``log10 P(f)``."""
+        return self.log_prob / math.log(10.0)
+
+
+def heaviside_tilted_moments(z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r"""Stable moment ratios of ``N(t | 0, 1) 1[t > -z]`` (a standard normal truncated at -z).
+
+    With ``r = N(z)/Phi(z)`` (inverse Mills ratio) the truncated normal ``t`` has mean ``r`` and
+    variance ``1 - r (z + r)``. Returns ``(r, one_minus_a, h)`` with ``a = r (z + r)`` and
+    ``h = 1 + z (z + r)``; both ``1 - a`` and ``h`` are computed without cancellation (series in
+    ``1/z^2`` for ``z < -40``).
+
+    Args:
+        z: ``y * m / sqrt(v)`` for cavity mean ``m`` and variance ``v``, shape ``[n]``.
+    """
+    z = np.asarray(z, dtype=np.float64)
+    r = _SQRT_2_OVER_PI / erfcx(-z / math.sqrt(2.0))  # erfcx overflows to inf -> r = 0, right
+    g1 = z + r
+    one_minus_a = 1.0 - r * g1
+    h = 1.0 + z * g1
+    tail = z < -_TAIL
+    if tail.any():
+        s = 1.0 / (z[tail] * z[tail])
+        one_minus_a[tail] = s * (
+            1 + s * (-6 + s * (50 + s * (-518 + s * (6354 + s * (-89782 + s * 1_435_330)))))
+        )
+        h[tail] = s * (
+            2 + s * (-10 + s * (74 + s * (-706 + s * (8162 + s * (-110410 + s * 1_708_394)))))
+        )
+    return r, one_minus_a, h
+
+
+def _site_update(z: np.ndarray, y: np.ndarray, tau_cav: np.ndarray, s2: float):
+    """New site parameters from the cavity ``N(m, v = 1/tau_cav)``.
+
+    Likelihood ``Phi(y f / sqrt(s2))``; ``s2 = 0`` is the Heaviside step, ``s2 = 1`` the probit.
+    With ``c = v / (v + s2)``, ``z = y m / sqrt(v + s2)`` and ``a = r (z + r)``, the tilted
+    moments are mean ``m + y sqrt(v c) r`` and variance ``v (1 - c a)``.
+    """
+    r, one_minus_a, h = heaviside_tilted_moments(z)
+    a = 1.0 - one_minus_a
+    c = 1.0 / (1.0 + s2 * tau_cav)
+    one_minus_ca = (1.0 - c) + c * one_minus_a  # no cancellation when a -> 1
+    # tau_site = 1/var_tilted - tau_cav = tau_cav * c a / (1 - c a)
+    tau = tau_cav * c * a / one_minus_ca
+    # nu_site = mean_tilted/var_tilted - m tau_cav = y sqrt(tau_cav c) r (1 + z (z + r)) / (1 - c a)
+    nu = y * np.sqrt(tau_cav * c) * r * h / one_minus_ca
+    return tau, nu
+
+
+class _NotPD(Exception):
+    """Internal: the factorisation failed or produced a non-positive variance."""
+
+
+def _posterior_and_energy(K: np.ndarray, diagK: np.ndarray, y: np.ndarray, tau: np.ndarray,
+                          nu: np.ndarray, buf: np.ndarray, s2: float):
+    """Posterior marginals, cavities and the EP log marginal likelihood for sites (tau, nu).
+
+    ``buf`` is a Fortran-ordered ``[n, n]`` work array (overwritten).
+    """
+    n = K.shape[0]
+    sq = np.sqrt(tau)
+    # B = I + S^1/2 K S^1/2, built in the F-ordered buffer (K symmetric: K.T is an F view)
+    np.multiply(K.T, sq[:, None], out=buf)
+    buf *= sq[None, :]
+    idx = np.arange(n)
+    buf[idx, idx] += 1.0
+    L, info = lapack.dpotrf(buf, lower=1, overwrite_a=1, clean=1)
+    if info != 0:
+        raise _NotPD(f"Cholesky of B failed (info={info})")
+    half_logdet = float(np.log(np.diagonal(L)).sum())
+    Linv, info = lapack.dtrtri(L, lower=1, overwrite_c=1)
+    if info != 0:
+        raise _NotPD(f"triangular inverse failed (info={info})")
+    # diag(B^{-1})_i = sum_k Linv[k, i]^2 (column norms; columns are contiguous in F order)
+    binv = np.einsum("ki,ki->i", Linv, Linv)
+    d = 1.0 - binv  # = tau_i Sigma_ii
+    weak = d < _WEAK_SITE
+    sigma = np.empty(n)
+    ok = ~weak
+    sigma[ok] = d[ok] / tau[ok]
+    if weak.any():
+        cols = np.flatnonzero(weak)
+        for lo in range(0, cols.size, 256):
+            c = cols[lo : lo + 256]
+            w = Linv @ (sq[:, None] * K[:, c])
+            sigma[c] = diagK[c] - np.einsum("ij,ij->j", w, w)
+    # posterior mean mu = K (nu - S^1/2 B^{-1} S^1/2 K nu), B^{-1} = Linv^T Linv
+    kn = K @ nu
+    alpha = nu - sq * (Linv.T @ (Linv @ (sq * kn)))
+    mu = K @ alpha
+    if not (np.isfinite(sigma).all() and np.isfinite(mu).all()):
+        raise FlatpriorError("EP produced NaN/inf posterior moments; the kernel is ill-posed")
+    if (sigma <= 0).any() or (binv <= 0).any():
+        raise _NotPD("non-positive posterior variance")
+    # cavity: v = Sigma_ii / B^{-1}_ii,  m = (mu_i - Sigma_ii nu_i) / B^{-1}_ii
+    var_cav = sigma / binv
+    tau_cav = 1.0 / var_cav
+    m_cav = (mu - sigma * nu) / binv
+    z = y * m_cav * np.sqrt(tau_cav / (1.0 + s2 * tau_cav))  # y m / sqrt(v + s2)
+    log_z = log_ndtr(z)
+    nu_cav = m_cav * tau_cav
+    # R&W eq. (3.65) as in GPML infEP (zero prior mean):
+    # log Z = sum lZ - sum log L_ii + nu^T Sigma nu / 2
+    #         + nu_c^T ((tau/tau_c) nu_c - 2 nu) / (2 (tau + tau_c))
+    #         - sum nu^2 / (2 (tau_c + tau)) + sum log(1 + tau/tau_c) / 2
+    tsum = tau + tau_cav
+    energy = (
+        float(log_z.sum())
+        - half_logdet
+        + 0.5 * float(nu @ mu)
+        + 0.5 * float(nu_cav @ ((tau / tau_cav * nu_cav - 2.0 * nu) / tsum))
+        - 0.5 * float((nu * nu / tsum).sum())
+        + 0.5 * float(np.log1p(tau / tau_cav).sum())
+    )
+    return energy, mu, sigma, z, tau_cav
+
+
+def _run_ep(K, y, *, tol, tol_log_prob, max_iter, damping, adaptive, s2, buf):
+    n = K.shape[0]
+    diagK = np.diagonal(K).copy()
+    tau = np.zeros(n)
+    nu = np.zeros(n)
+    # sites all zero: posterior = prior, log Z = sum log Phi(0)
+    mu = np.zeros(n)
+    sigma = diagK.copy()
+    tau_cav = 1.0 / diagK
+    z = np.zeros(n)
+    energy = n * math.log(0.5)
+    history = [energy]
+    n_iter = 0
+    dmax = math.inf
+    dlog = math.inf
+    stop = "max_iter"
+    while n_iter < max_iter:
+        new_tau, new_nu = _site_update(z, y, tau_cav, s2)
+        if not (np.isfinite(new_tau).all() and np.isfinite(new_nu).all()):
+            raise FlatpriorError("EP site update produced NaN/inf; the kernel is ill-posed")
+        # convergence is judged on the undamped update (damping only slows the steps)
+        # GPy's rule (mean squared change), made relative for large sites (|site| >> 1), whose
+        # last digits jitter with the conditioning of B and would never meet an absolute rule
+        site_sq = max(float(np.mean(((new_tau - tau) / (1.0 + np.abs(tau))) ** 2)),
+                      float(np.mean(((new_nu - nu) / (1.0 + np.abs(nu))) ** 2)))
+        dmax = max(float(np.abs(new_tau - tau).max()), float(np.abs(new_nu - nu).max()))
+        if site_sq < tol and n_iter > 0:
+            stop = "sites"
+            break
+        # parallel EP oscillates (period 2) on strongly correlated kernels: when log Z flips
+        # direction twice in a row without shrinking 2x, damp harder (0 -> 0.5 -> 0.75 ... 0.95)
+        if adaptive and len(history) >= 5 and damping < 0.95:
+            d1, d2, d3 = (history[-1] - history[-2], history[-2] - history[-3],
+                          history[-3] - history[-4])
+            big = abs(d1) > 1e-7 * max(1.0, abs(history[-1]))  # not just rounding noise
+            if big and d1 * d2 < 0 and d2 * d3 < 0 and abs(d1) >= 0.5 * abs(d2) >= 0.25 * abs(d3):
+                damping = min(0.95, max(0.5, 1.0 - (1.0 - damping) / 2.0))
+        if damping > 0.0:
+            new_tau = (1.0 - damping) * new_tau + damping * tau
+            new_nu = (1.0 - damping) * new_nu + damping * nu
+        # a site precision that underflows to 0 would break S^-1/2; floor it far below relevance
+        new_tau = np.maximum(new_tau, 1e-300)
+        tau, nu = new_tau, new_nu
+        n_iter += 1
+        new_energy, mu, sigma, z, tau_cav = _posterior_and_energy(K, diagK, y, tau, nu, buf, s2)
+        if not math.isfinite(new_energy):
+            raise FlatpriorError("EP log marginal likelihood is NaN/inf; the kernel is ill-posed")
+        dlog = abs(new_energy - energy)
+        energy = new_energy
+        history.append(energy)
+        # damping shrinks each step by (1 - damping): judge the undamped step
+        step = dlog / (1.0 - damping)
+        if tol_log_prob is not None and step <= tol_log_prob * max(1.0, abs(energy)):
+            stop = "log_prob"
+            break
+    return energy, stop, n_iter, dmax, dlog, tau, nu, mu, sigma, history, damping
+
+
+def _blas_threads(n_threads: int | None):
+    if n_threads is None:
+        return contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # optional: without it BLAS keeps its default thread count
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=int(n_threads), user_api="blas")
+
+
+def _ep_with_jitter(K, ysign, n, buf, jit, max_jitter, **opts):
+    """Run EP, restarting with escalating diagonal jitter while the kernel is not PD."""
+    added = 0.0
+    idx = np.arange(n)
+    while True:
+        if jit > added:
+            K[idx, idx] += jit - added
+            added = jit
+        try:
+            return (*_run_ep(K, ysign, buf=buf, **opts), added)
+        except _NotPD as exc:
+            nxt = 1e-10 if jit == 0.0 else jit * 100.0
+            if nxt > max_jitter * (1 + 1e-12):
+                raise FlatpriorError(
+                    f"kernel K is not positive definite enough for EP ({exc}) even with "
+                    f"relative jitter {jit:g}; fix the kernel or raise max_jitter"
+                ) from None
+            warnings.warn(
+                f"EP: {exc}; retrying with relative jitter {nxt:g} on the kernel diagonal",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            jit = nxt
+
+
+def log_prior_ep(
+    K,
+    y,
+    *,
+    tol: float = 1e-6,
+    tol_log_prob: float | None = None,
+    max_iter: int = 200,
+    damping: float = 0.0,
+    adaptive_damping: bool = True,
+    jitter: float = 0.0,
+    max_jitter: float = 1e-4,
+    n_threads: int | None = None,
+    likelihood: str = "heaviside",
+) -> EPResult:
+    r"""EP approximation of ``ln P(f) = ln P(sign z = y)``, ``z ~ N(0, K)``.
+
+    Parallel EP for the Heaviside likelihood ``1[y_i z_i > 0]``; the returned value is the EP
+    log marginal likelihood (Rasmussen & Williams 2006, eq. 3.65). EP is an approximation: on
+    small problems its error against the exact orthant probability is a few percent of
+    ``ln P`` (see ``tests/test_prior_ep.py`` for the measured worst case).
+
+    The kernel is first divided by its mean diagonal (``ln P`` does not depend on the scale of
+    ``K``), so the site tolerance below is scale invariant.
+
+    Stopping rules (checked after every iteration; the first one met ends the run):
+
+    * ``tol`` (default ``1e-6``, GPy's rule): mean squared change of the site precisions and of
+      the site natural means both below ``tol``; unlike GPy each change is divided by
+      ``1 + |site|``, so sites far above 1 (near-duplicate points with opposite labels reach
+      ``tau ~ 1e6``, whose rounding noise is ``O(1)``) are judged relatively.
+    * ``tol_log_prob`` (off by default): ``|Δ ln P| / (1 - damping) <= tol_log_prob *
+      max(1, |ln P|)``. Cheaper on well-behaved problems (MNIST n = 2000, true labels: 12
+      instead of 30 iterations, value within 2e-7 relative of the fixed point); on strongly
+      correlated kernels that need damping neither rule is within 1e-6 of the fixed point
+      (measured on 52 small cases: worst site rule 7e-4 relative, on the Boolean constant
+      function, where GPy's mean-squared rule allows rms site changes of 1e-3; worst
+      log-P rule 4.9e-6, at 17 vs 15 iterations on average).
+
+    Cost per iteration: one Cholesky and one triangular inverse of an ``n x n`` matrix
+    (``~2/3 n^3`` flops), memory: two ``n x n`` float64 arrays.
+
+    Args:
+        K: prior covariance ``[n, n]`` (symmetric PSD), array or tensor.
+        y: labels ``[n]`` in ``{±1}`` or ``{0, 1}``.
+        tol: site tolerance (see above).
+        tol_log_prob: optional relative tolerance on the change of ``ln P``.
+        max_iter: maximum number of parallel updates.
+        damping: ``0 <= damping < 1``; new sites = ``(1-damping) new + damping old``.
+        adaptive_damping: raise the damping (to 0.5, 0.75, ..., at most 0.95) when the
+            log P changes direction twice in a row without shrinking 2x. Undamped parallel EP
+            oscillates with period 2 on strongly correlated kernels with equal labels (e.g.
+            correlation 0.95, n = 15: log P alternates between -1.8 and -9.1 forever);
+            damping does not move the fixed point, only the path to it.
+        jitter: initial diagonal jitter, relative to the mean diagonal of ``K``.
+        max_jitter: largest relative jitter tried (x100 steps from ``1e-10``) when the
+            factorisation fails; beyond it a :class:`FlatpriorError` is raised.
+        likelihood: ``"heaviside"`` (the paper's ``P(f)``, default) or ``"probit"``
+            (``Phi(y z)``, GPy's default Bernoulli link at kernel scale 1, as in the authors'
+            code; equals the Heaviside orthant probability of ``K + I``; not scale invariant).
+        n_threads: BLAS threads (via threadpoolctl). Default: 1 for ``n < 2048`` (multi-threaded
+            OpenBLAS on small matrices is up to 30x slower on a busy machine), else all cores.
+
+    Returns:
+        :class:`EPResult`.
+
+    Raises:
+        FlatpriorError: bad ``K``/``y``, options out of range, a kernel that is not positive
+            (semi)definite even with ``max_jitter``, or any NaN/inf during the run.
+    """
+    K, ysign = as_kernel_and_signs(K, y)  # private float64 copy
+    check_choice("EP likelihood", likelihood, ["heaviside", "probit"])
+    check_positive("tol", tol)
+    if tol_log_prob is not None:
+        check_positive("tol_log_prob", tol_log_prob)
+    if not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
+        raise FlatpriorError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    if not 0.0 <= float(damping) < 1.0:
+        raise FlatpriorError(f"damping must be in [0, 1), got {damping!r}")
+    check_positive("jitter", jitter, allow_zero=True)
+    check_positive("max_jitter", max_jitter, allow_zero=True)
+    n = K.shape[0]
+    diag = np.diagonal(K)
+    if (diag <= 0).any():
+        raise FlatpriorError(
+            f"kernel K has {int((diag <= 0).sum())} non-positive diagonal entries; "
+            "every point needs a positive prior variance"
+        )
+    scale = float(diag.mean())
+    K *= 1.0 / scale
+    # necessary PSD condition |K_ij| <= sqrt(K_ii K_jj), checked per row block (cheap)
+    sd = np.sqrt(np.diagonal(K))
+    for lo in range(0, n, 2048):
+        blk = np.abs(K[lo : lo + 2048]) / np.outer(sd[lo : lo + 2048], sd)
+        if float(blk.max()) > 1.0 + 1e-6:
+            raise FlatpriorError(
+                "kernel K is not positive semidefinite (|K_ij| > sqrt(K_ii K_jj)); "
+                "check how it was built"
+            )
+    buf = np.empty((n, n), dtype=np.float64, order="F")
+    if n_threads is None:
+        n_threads = 1 if n < 2048 else None
+    with _blas_threads(n_threads):
+        out = _ep_with_jitter(K, ysign, n, buf, float(jitter), float(max_jitter),
+                              tol=float(tol), tol_log_prob=tol_log_prob,
+                              max_iter=int(max_iter), damping=float(damping),
+                              adaptive=bool(adaptive_damping),
+                              s2=(1.0 / scale) if likelihood == "probit" else 0.0)
+    energy, stop, n_iter, dmax, dlog, tau, nu, mu, sigma, history, damp, added = out
+    return EPResult(
+        log_prob=float(energy),
+        converged=stop != "max_iter",
+        n_iter=n_iter,
+        max_site_change=dmax,
+        log_prob_change=dlog,
+        stop_rule=stop,
+        jitter=added * scale,
+        damping=damp,
+        site_tau=tau / scale,
+        site_nu=nu / math.sqrt(scale),
+        post_mean=mu * math.sqrt(scale),
+        post_var=sigma * scale,
+        history=tuple(history),
+    )
+
+
+def log_prior_probit(K, y, **kwargs) -> EPResult:
+    """EP log marginal likelihood with the probit link ``Phi(y z)`` at kernel scale 1.
+
+    This is what the authors' code computed (GPy's default Bernoulli likelihood), not the
+    paper's Heaviside ``P(f)``; offered to compare with published numbers. Since
+    ``Phi(y z) = P(y (z + e) > 0)`` with ``e ~ N(0, 1)``, it is the orthant probability of
+    ``K + I``. Keyword arguments as for :func:`log_prior_ep`.
+    """
+    return log_prior_ep(K, y, likelihood="probit", **kwargs)

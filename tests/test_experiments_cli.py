@@ -1,0 +1,94 @@
+"""The run / list commands, called in-process through the real entry point (``main``)."""
+
+import json
+import sqlite3
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from flatprior.cli import main
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    def call(*args):
+        monkeypatch.setattr(sys, "argv", ["flatprior", *args])
+        code = 0
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code
+        o = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=o.out, stderr=o.err)
+
+    return call
+
+
+def test_list_shows_every_spec_and_what_it_needs(cli):
+    p = cli("list")
+    assert p.returncode == 0, p.stderr
+    for name in ("fig2-boolean", "fig3", "fig4", "fig5", "figS9", "figS11-16", "figS18",
+                 "figS19", "mnist-fcn", "cifar-fcn", "cifar-resnet", "CIFAR-10"):
+        assert name in p.stdout
+    p = cli("list", "fig3")
+    assert p.returncode == 0 and "fig3/cifar-resnet@paper (55 runs)" in p.stdout
+
+
+def test_run_real_tiny_sweep_then_resume(cli, tmp_path):
+    db = tmp_path / "r.db"
+    args = ["run", "fig3", "mnist-fcn", "--set", "n_attack=[0, 10]", "--set", "seed=0",
+            "--set", "n_train=30", "--set", "n_test=30", "--set", "batch_size=10",
+            "--set", "measures=none", "--workers", "1", "--out", str(db), "--no-progress"]
+    p = cli(*args)
+    assert p.returncode == 0, p.stderr
+    assert "2 runs, 0 already stored, 2 run now (0 failed)" in p.stderr
+    con = sqlite3.connect(db)
+    recs = [json.loads(r) for (r,) in con.execute("SELECT record FROM runs")]
+    assert sorted(r["n_attack"] for r in recs) == [0, 10]
+    assert all(r["status"] == "zero_error" and r["train_error"] == 0 for r in recs)
+    assert con.execute("SELECT spec FROM members").fetchall() == [("fig3/mnist-fcn@quick",)] * 2
+    p = cli(*args)
+    assert p.returncode == 0 and "2 already stored, 0 run now" in p.stderr
+
+
+def test_dry_run_shows_the_sweep(cli):
+    p = cli("run", "fig3", "--preset", "paper", "--dry-run", "--set", "optimizer=adam")
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout)
+    assert d["n_runs"] == 55 and d["base"]["optimizer"] == "adam"
+    assert d["sweep"]["n_attack"] == list(range(0, 501, 50))
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["run", "fig9"], "unknown spec 'fig9'"),
+        (["run", "fig3", "mnist"], "no variant 'mnist'"),
+        (["run", "fig3", "--preset", "full"], "unknown preset 'full'"),
+        (["run", "fig3", "--set", "n_trian=5"], "unknown run field"),
+        (["run", "fig3", "--set", "n_train=many"], "n_train: Input should be a valid integer"),
+        (["run", "fig3", "--set", "sharpness_eps=-1"], "sharpness_eps: Input should be greater"),
+        (["run", "fig3", "--config", "/nonexistent.toml"], "not found"),
+        (["run", "fig3", "cifar-fcn", "--data-root", "/nonexistent"], "CIFAR-10"),
+        (["run", "fig3", "--out", "/nonexistent/r.db"], "does not exist"),
+        (["run", "fig3", "--workers", "0"], "--workers must be >= 1"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(cli, args, match):
+    p = cli(*args)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip() and "runs; sweep over" not in ln]
+    assert p.returncode == 2, p.stderr
+    assert len(lines) == 1 and "Traceback" not in p.stderr and match in lines[0], p.stderr
+
+
+def test_database_from_another_version(cli, tmp_path):
+    db = tmp_path / "old.db"
+    con = sqlite3.connect(db)
+    for t in ("meta (name, value)", "runs (key)", "specs (label)", "members (spec)"):
+        con.execute(f"CREATE TABLE {t}")
+    con.execute("INSERT INTO meta VALUES ('schema_version', '99')")
+    con.commit()
+    p = cli("run", "fig3", "--set", "seed=0", "--set", "n_attack=0", "--out", str(db))
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip() and "runs; sweep over" not in ln]
+    assert p.returncode == 2 and len(lines) == 1 and "schema version 99" in lines[0]
