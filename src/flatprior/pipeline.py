@@ -329,8 +329,13 @@ def run(cfg: RunConfig | dict, *, progress: Callable[[dict], None] | None = None
         callbacks.append(_alpha_callback(cfg))
     if cfg.measure_every:
 
+        first_fit = {"seen": False}
+
         def per_epoch(model, m):
-            if m["epoch"] % cfg.measure_every == 0 or m.get("alpha_scaled"):
+            # also measure at the first epoch that fits S: the study's "at zero error" point
+            fit_now = not first_fit["seen"] and m["train_acc"] == 1.0
+            first_fit["seen"] |= fit_now
+            if m["epoch"] % cfg.measure_every == 0 or m.get("alpha_scaled") or fit_now:
                 model.eval()
                 m.update(compute_measures(model, task, cfg, cfg.epoch_measures))
 

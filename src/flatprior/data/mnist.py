@@ -11,6 +11,7 @@ import os
 import struct
 import tempfile
 import urllib.request
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,16 @@ def _load_pair(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+@lru_cache(maxsize=4)
+def _load_pair_cached(images: str, _mtime_i: int, labels: str, _mtime_l: int):
+    """Parsed files, cached per process (a sweep re-reads them for every run otherwise); the
+    modification times are part of the key so a replaced file is read again."""
+    x, y = _load_pair(Path(images), Path(labels))
+    x.flags.writeable = False  # shared between calls: nobody may modify it in place
+    y.flags.writeable = False
+    return x, y
+
+
 def load_mnist_raw(
     data_root: str | Path | None, *, download: bool = False
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -130,7 +141,8 @@ def load_mnist_raw(
         img = _find(root, FILES[f"{split}-images"][0])
         lab = _find(root, FILES[f"{split}-labels"][0])
         if img and lab:
-            out[split] = _load_pair(img, lab)
+            out[split] = _load_pair_cached(str(img), img.stat().st_mtime_ns, str(lab),
+                                           lab.stat().st_mtime_ns)
     if "test" not in out:
         names = ", ".join(stem + "[.gz]" for stem, _ in FILES.values())
         raise FlatpriorError(
