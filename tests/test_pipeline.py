@@ -71,3 +71,11 @@ def test_log_prior_invariant_under_alpha_scaling():
     b = prior_measures(alpha_scale(model, 0, 37.0), task, cfg)
     assert a["log_prior"] == b["log_prior"]  # same function => same value, exactly
     assert a["log_prior"] < 0 and a["pac_bayes_bound"] > 0
+
+
+def test_record_stores_tilting_interval():
+    rec = run(dict(dataset="digits", n_train=40, n_test=40, seed=0, measures=("log_prior",),
+                   prior_method="tilting"))
+    assert rec["log_prior_ci_low"] <= rec["log_prior"] <= rec["log_prior_ci_high"]
+    assert 0 < rec["log_prior_std_err"] < 1.0
+    assert rec["config"]["prior_method"] == "tilting"
