@@ -69,3 +69,23 @@ def test_cli_bad_input_one_line_exit_2(args, match):
     lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and "Traceback" not in p.stderr
     assert match in lines[0]
+
+
+def test_train_saves_a_weights_only_checkpoint(tmp_path):
+    import torch
+
+    from flatprior.checkpoint import load_checkpoint
+    from flatprior.models import make_model
+
+    path = tmp_path / "net.pt"
+    p = run_cli("train", "--n-train", "60", "--n-test", "60", "--measures", "none", "--json",
+                "--save-model", str(path))
+    assert p.returncode == 0, p.stderr
+    rec = json.loads(p.stdout.strip().splitlines()[-1])
+    model, meta = load_checkpoint(path, lambda cfg: make_model(cfg["model"], (1, 8, 8)))
+    assert rec["model_path"] == str(path)
+    from flatprior.pipeline import build_task, make_config
+
+    task = build_task(make_config(**rec["config"]))
+    pred = (model(task.x_train).reshape(-1) > 0).float()
+    assert torch.equal(pred, task.y_train)  # the saved network is the one that fits S

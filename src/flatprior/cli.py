@@ -78,6 +78,9 @@ def train(
     fam_strength: Annotated[float, typer.Option(help="λ of the FAM regulariser")] = 0.0,
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON record")] = False,
     history: Annotated[bool, typer.Option(help="keep per-epoch history in the JSON")] = False,
+    save_model: Annotated[
+        Path | None, typer.Option(help="write the trained network here (weights-only checkpoint)")
+    ] = None,
 ) -> None:
     """Train one network to zero training error and measure it."""
     from flatprior.pipeline import make_config, run
@@ -104,7 +107,7 @@ def train(
     )
     prog, update = _epoch_progress(max_epochs)
     with prog:
-        rec = run(cfg, progress=update)
+        rec = run(cfg, progress=update, save_model=str(save_model) if save_model else None)
     if not history:
         rec.pop("history")
     if json_out:

@@ -295,8 +295,16 @@ def _alpha_callback(cfg: RunConfig) -> Callable:
     return cb
 
 
-def run(cfg: RunConfig | dict, *, progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
+def run(
+    cfg: RunConfig | dict,
+    *,
+    progress: Callable[[dict], None] | None = None,
+    save_model: str | None = None,
+) -> dict[str, Any]:
     """Execute one run and return its record (JSON-serialisable dict).
+
+    ``save_model``: also write the trained network to this path as a weights-only checkpoint
+    (:func:`flatprior.checkpoint.save_checkpoint`, atomic; the record's config is stored in it).
 
     The record holds ``key``, ``config`` (all fields), ``versions``, the training outcome
     (``status``, ``epochs_to_zero_error``, ``train_error``, ``attack_error``, ``test_error`` —
@@ -366,7 +374,16 @@ def run(cfg: RunConfig | dict, *, progress: Callable[[dict], None] | None = None
     record.update(compute_measures(model, task, cfg, cfg.measures))
     record["history"] = result.history
     record["wall_time_s"] = time.perf_counter() - t_start
-    return _jsonable(record)
+    record = _jsonable(record)
+    if save_model is not None:
+        from pathlib import Path
+
+        from flatprior.checkpoint import save_checkpoint
+
+        path = Path(save_model).expanduser()
+        save_checkpoint(model, path.name, config=record["config"], out_dir=path.parent)
+        record["model_path"] = str(path)
+    return record
 
 
 def _jsonable(obj):
