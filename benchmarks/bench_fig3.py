@@ -25,8 +25,13 @@ import time
 from pathlib import Path
 
 PHASES = ("data_s", "train_time_s", "sharpness_time_s", "kernel_time_s", "log_prior_time_s")
-NAMES = {"data_s": "data+model", "train_time_s": "train", "sharpness_time_s": "sharpness",
-         "kernel_time_s": "kernel", "log_prior_time_s": "EP"}
+NAMES = {
+    "data_s": "data+model",
+    "train_time_s": "train",
+    "sharpness_time_s": "sharpness",
+    "kernel_time_s": "kernel",
+    "log_prior_time_s": "EP",
+}
 
 
 def plain_run(cfg) -> dict[str, float]:
@@ -42,27 +47,49 @@ def plain_run(cfg) -> dict[str, float]:
     model = build_model(cfg, task.input_shape)
     t_data = time.perf_counter() - t0
     t1 = time.perf_counter()
-    res = train(model, task, TrainConfig(optimizer=cfg.optimizer, lr=cfg.lr,
-                                         batch_size=cfg.batch_size, max_epochs=cfg.max_epochs,
-                                         seed=cfg.seed))
+    res = train(
+        model,
+        task,
+        TrainConfig(
+            optimizer=cfg.optimizer,
+            lr=cfg.lr,
+            batch_size=cfg.batch_size,
+            max_epochs=cfg.max_epochs,
+            seed=cfg.seed,
+        ),
+    )
     t_train = time.perf_counter() - t1
     model.eval()
     m = compute_measures(model, task, cfg, cfg.measures)
-    return {"data_s": t_data, "train_time_s": t_train,
-            "sharpness_time_s": m.get("sharpness_time_s", 0.0),
-            "kernel_time_s": m.get("kernel_time_s", 0.0),
-            "log_prior_time_s": m.get("log_prior_time_s", 0.0),
-            "wall_time_s": time.perf_counter() - t0, "status": res.status,
-            "log_prior": m.get("log_prior"), "sharpness": m.get("sharpness")}
+    return {
+        "data_s": t_data,
+        "train_time_s": t_train,
+        "sharpness_time_s": m.get("sharpness_time_s", 0.0),
+        "kernel_time_s": m.get("kernel_time_s", 0.0),
+        "log_prior_time_s": m.get("log_prior_time_s", 0.0),
+        "wall_time_s": time.perf_counter() - t0,
+        "status": res.status,
+        "log_prior": m.get("log_prior"),
+        "sharpness": m.get("sharpness"),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="3 attack sizes x 1 seed (< 30 s)")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--data-root", default=os.environ.get("FLATPRIOR_DATA", "/work/shared/data"))
-    ap.add_argument("--baseline-runs", type=int, default=None,
-                    help="configs in the plain-loop baseline (default: 11, quick: 1)")
+    ap.add_argument(
+        "--data-root",
+        default=os.environ.get(
+            "FLATPRIOR_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data")
+        ),
+    )
+    ap.add_argument(
+        "--baseline-runs",
+        type=int,
+        default=None,
+        help="configs in the plain-loop baseline (default: 11, quick: 1)",
+    )
     args = ap.parse_args()
 
     import torch
@@ -80,15 +107,18 @@ def main() -> None:
     preflight(configs)
     n_base = args.baseline_runs or (1 if args.quick else 11)
     base_cfgs = [c for c in configs if c.seed == 0][:n_base]
-    print(f"fig3 mnist-fcn paper: {len(configs)} runs, {args.workers} workers; baseline: "
-          f"plain loop over {len(base_cfgs)} of them (seed 0), 1 thread, this process")
+    print(
+        f"fig3 mnist-fcn paper: {len(configs)} runs, {args.workers} workers; baseline: "
+        f"plain loop over {len(base_cfgs)} of them (seed 0), 1 thread, this process"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         db = Path(tmp) / "bench.db"
         t0 = time.perf_counter()
         with Store(db) as st:
-            summ = run_sweep(configs, st, res.label, info=res.info(), workers=args.workers,
-                             progress=False)
+            summ = run_sweep(
+                configs, st, res.label, info=res.info(), workers=args.workers, progress=False
+            )
             recs = {r["key"]: r for r in st.records()}
             df = st.to_frame()
         sweep_wall = time.perf_counter() - t0
@@ -107,9 +137,11 @@ def main() -> None:
     runner_rows = list(recs.values())
     same = [recs[k] for k, _ in base]
     brows = [b for _, b in base]
-    print(f"\nsweep wall time: {sweep_wall:.1f} s for {len(configs)} runs "
-          f"({sweep_wall / len(configs):.2f} s per run with {args.workers} workers)"
-          + ("   [goal for the paper preset: <= 300 s]" if not args.quick else ""))
+    print(
+        f"\nsweep wall time: {sweep_wall:.1f} s for {len(configs)} runs "
+        f"({sweep_wall / len(configs):.2f} s per run with {args.workers} workers)"
+        + ("   [goal for the paper preset: <= 300 s]" if not args.quick else "")
+    )
     print("\nmean time per run by phase (s):")
     print(f"{'phase':<12}{'runner, all':>12}{'runner, subset':>16}{'plain loop':>12}{'ratio':>8}")
     for p in (*PHASES, "wall_time_s"):
@@ -121,10 +153,13 @@ def main() -> None:
     proj = mean(brows, "wall_time_s") * len(configs) / args.workers
     print(f"\nwork ratio (runner / plain loop, same configs): {work:.2f}")
     print(f"sweep efficiency (sum of run times / workers / wall): {eff:.2f}")
-    print(f"projected plain loop for all {len(configs)} runs on {args.workers} cores: "
-          f"{proj:.1f} s; runner measured {sweep_wall:.1f} s; ratio {sweep_wall / proj:.2f}")
-    eq = all(abs(recs[k]["log_prior"] - b["log_prior"]) < 1e-6 * abs(b["log_prior"])
-             for k, b in base)
+    print(
+        f"projected plain loop for all {len(configs)} runs on {args.workers} cores: "
+        f"{proj:.1f} s; runner measured {sweep_wall:.1f} s; ratio {sweep_wall / proj:.2f}"
+    )
+    eq = all(
+        abs(recs[k]["log_prior"] - b["log_prior"]) < 1e-6 * abs(b["log_prior"]) for k, b in base
+    )
     print(f"plain loop reproduces the stored log P(f) of the same configs: {eq}")
     if len(df) >= 3:
         t = correlation_table(df, n_boot=1000)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-MNIST = Path("/work/shared/data/mnist")
+MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 print = functools.partial(print, flush=True)  # noqa: A001 - progress visible when piped
 
 

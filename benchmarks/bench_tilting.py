@@ -32,7 +32,7 @@ from flatprior.prior.ep import log_prior_ep
 from flatprior.prior.kernels import arccos_kernel
 from flatprior.prior.tilting import log_prior_tilting
 
-MNIST = Path("/work/shared/data/mnist")
+MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
 
 def load_mnist_t10k(root: Path = MNIST) -> tuple[np.ndarray, np.ndarray]:

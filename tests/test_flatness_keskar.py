@@ -15,7 +15,7 @@ from torch import nn
 from flatprior.errors import FlatpriorError
 from flatprior.flatness import keskar_sharpness
 
-MNIST = Path("/work/shared/data/mnist")
+MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 BCE = nn.BCEWithLogitsLoss()
 
 
