@@ -52,7 +52,7 @@ def db(tmp_path_factory):
         r = resolve("fig4", "quick", None, {"n_attack": [0, 50, 100, 150], "seed": [0, 1]})
         run_sweep(r.configs, st, r.label, info=r.info(), run_fn=_fake_runs.flaky_run, workers=1,
                   progress=False)
-        r = resolve("fig5", "quick")
+        r = resolve("fig5", "quick", None, {"alpha": 5.0})  # one run: one set of curves
         run_sweep(r.configs, st, r.label, info=r.info(), run_fn=epochs_run, workers=1,
                   progress=False)
         r = resolve("fig2-boolean", "quick", None, {"seed": {"__sweep__": list(range(24))}})
