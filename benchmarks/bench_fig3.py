@@ -74,7 +74,7 @@ def plain_run(cfg) -> dict[str, float]:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="3 attack sizes x 1 seed (< 30 s)")
     ap.add_argument("--workers", type=int, default=2)
@@ -90,7 +90,7 @@ def main() -> None:
         default=None,
         help="configs in the plain-loop baseline (default: 11, quick: 1)",
     )
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     import torch
 

@@ -112,14 +112,14 @@ def eigenthings_top_eig(net, x, y, max_iter: int):
     return float(res.eigenvalues[0]), bool(res.converged[0])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller run (< 30 s)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (default 1: on the shared 2-core machine two "
                          "threads thrashed, 10-100x slower; 0 = torch's own choice)")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     n = 500

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gzip
 import time
 import warnings
 from pathlib import Path
@@ -27,16 +26,12 @@ MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 print = functools.partial(print, flush=True)  # noqa: A001 - progress visible when piped
 
 
-def _read_idx(path: Path, header: int) -> np.ndarray:
-    with gzip.open(path, "rb") as fh:
-        return np.frombuffer(fh.read(), dtype=np.uint8, offset=header)
-
-
 def load_mnist(n: int) -> tuple[np.ndarray, np.ndarray]:
     """First ``n`` t10k images as float64 [n, 784] in [0, 1] and labels (digit >= 5) in {0,1}."""
-    images = _read_idx(MNIST / "t10k-images-idx3-ubyte.gz", 16).reshape(-1, 784)
-    labels = _read_idx(MNIST / "t10k-labels-idx1-ubyte.gz", 8)
-    return images[:n].astype(np.float64) / 255.0, (labels[:n] >= 5).astype(np.int64)
+    from flatprior.data.mnist import load_mnist_raw
+
+    images, labels = load_mnist_raw(MNIST.parent)["test"]
+    return images[:n].reshape(n, 784).astype(np.float64) / 255.0, (labels[:n] >= 5).astype(np.int64)
 
 
 def _cholesky_seconds(K: np.ndarray) -> float:
@@ -65,19 +60,25 @@ def bench_ep(n: int) -> None:
     t = time.perf_counter()
     res = log_prior_ep(K, y)
     t_ep = time.perf_counter() - t
-    print(f"    EP (site tol 1e-6)    {t_ep:8.2f} s   iterations {res.n_iter}, "
-          f"converged {res.converged}, log P = {res.log_prob:.6f}")
-    print(f"    ratio EP / Cholesky   {t_ep / t_chol:8.1f}      (goal <= 20; EP goal <= 60 s "
-          "at n = 10000)")
+    print(
+        f"    EP (site tol 1e-6)    {t_ep:8.2f} s   iterations {res.n_iter}, "
+        f"converged {res.converged}, log P = {res.log_prob:.6f}"
+    )
+    print(
+        f"    ratio EP / Cholesky   {t_ep / t_chol:8.1f}      (goal <= 20; EP goal <= 60 s "
+        "at n = 10000)"
+    )
     hist = np.array(res.history)
     rel = np.abs(np.diff(hist)) / np.maximum(1.0, np.abs(hist[1:]))
     hit = np.flatnonzero(rel <= 1e-6)
     if hit.size:
         k = int(hit[0]) + 1
         diff = abs(hist[k] - res.log_prob) / abs(res.log_prob)
-        print(f"    log-P-change rule (1e-6 rel.) would stop after {k} updates, value "
-              f"{hist[k]:.6f}: rel. diff to site rule {diff:.1e}; estimated time "
-              f"{t_ep * k / res.n_iter:.1f} s, ratio {t_ep * k / res.n_iter / t_chol:.1f}")
+        print(
+            f"    log-P-change rule (1e-6 rel.) would stop after {k} updates, value "
+            f"{hist[k]:.6f}: rel. diff to site rule {diff:.1e}; estimated time "
+            f"{t_ep * k / res.n_iter:.1f} s, ratio {t_ep * k / res.n_iter / t_chol:.1f}"
+        )
 
 
 def bench_gpy(sizes: list[int]) -> None:
@@ -102,15 +103,21 @@ def bench_gpy(sizes: list[int]) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             t = time.perf_counter()
-            model = GPy.core.GP(X=np.arange(n, dtype=float)[:, None], Y=y[:, None].astype(float),
-                                kernel=GPy.kern.Fixed(1, K), likelihood=lik,
-                                inference_method=inf)
+            model = GPy.core.GP(
+                X=np.arange(n, dtype=float)[:, None],
+                Y=y[:, None].astype(float),
+                kernel=GPy.kern.Fixed(1, K),
+                likelihood=lik,
+                inference_method=inf,
+            )
             gpy = float(model.log_likelihood())
             t_gpy = time.perf_counter() - t
         rel = abs(ours - gpy) / abs(gpy)
-        print(f"    n = {n:5d}: ours {ours:.6f} in {t_ours:6.2f} s | GPy {gpy:.6f} in "
-              f"{t_gpy:6.2f} s | rel. diff {rel:.1e} (goal <= 1e-4) | speed-up "
-              f"{t_gpy / t_ours:5.1f}x (goal >= 30x)")
+        print(
+            f"    n = {n:5d}: ours {ours:.6f} in {t_ours:6.2f} s | GPy {gpy:.6f} in "
+            f"{t_gpy:6.2f} s | rel. diff {rel:.1e} (goal <= 1e-4) | speed-up "
+            f"{t_gpy / t_ours:5.1f}x (goal >= 30x)"
+        )
 
 
 def bench_boolean(n_samples: int, n_workers: int) -> None:
@@ -123,8 +130,9 @@ def bench_boolean(n_samples: int, n_workers: int) -> None:
     batch = 4096
     sample_boolean_prior(batch, seed=99)  # warm-up
     t = time.perf_counter()
-    prior = sample_boolean_prior(n_samples, widths=widths, seed=1, batch_size=batch,
-                                 n_workers=n_workers)
+    prior = sample_boolean_prior(
+        n_samples, widths=widths, seed=1, batch_size=batch, n_workers=n_workers
+    )
     t_sample = time.perf_counter() - t
     gen = torch.Generator().manual_seed(0)
     t = time.perf_counter()
@@ -134,23 +142,34 @@ def bench_boolean(n_samples: int, n_workers: int) -> None:
     const = prior.table(1).iloc[0]
     print(f"(c) Boolean sampler, FCN {widths}, {n_samples} networks, n_workers = {n_workers}")
     print(f"    sampler  {n_samples / t_sample:10.0f} networks/s   (goal >= 6e4)")
-    print(f"    RNG only {n_samples / t_rng:10.0f} networks/s   <- baseline ({per_net} "
-          f"Gaussians per network, torch.randn, {torch.get_num_threads()} threads)")
+    print(
+        f"    RNG only {n_samples / t_rng:10.0f} networks/s   <- baseline ({per_net} "
+        f"Gaussians per network, torch.randn, {torch.get_num_threads()} threads)"
+    )
     print(f"    ratio sampler / RNG bound {t_rng / t_sample:.2f}   (goal >= 0.7)")
-    print(f"    most frequent function {const.function}: log P = {const.log_p:.3f} "
-          f"[{const.log_p_ci_low:.3f}, {const.log_p_ci_high:.3f}]")
+    print(
+        f"    most frequent function {const.function}: log P = {const.log_p:.3f} "
+        f"[{const.log_p_ci_low:.3f}, {const.log_p_ci_high:.3f}]"
+    )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, < 30 s")
     parser.add_argument("--n-ep", type=int, default=None, help="n for (a) (default 10000)")
     parser.add_argument("--workers", type=int, default=1, help="processes for (c)")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--gpy-sizes",
+        type=int,
+        nargs="*",
+        default=None,
+        help="n for (b) (default 1000; GPy takes ~12 min at n = 2000)",
+    )
+    args = parser.parse_args(argv)
     n_ep = args.n_ep or (1500 if args.quick else 10_000)
     t0 = time.perf_counter()
     bench_ep(n_ep)
-    bench_gpy([300] if args.quick else [1000, 2000])
+    bench_gpy(args.gpy_sizes or ([300] if args.quick else [1000]))
     bench_boolean(40_000 if args.quick else 400_000, args.workers)
     print(f"total {time.perf_counter() - t0:.1f} s; load average {_load():s}")
 

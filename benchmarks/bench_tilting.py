@@ -77,7 +77,7 @@ def train_to_zero_error(x: np.ndarray, y: np.ndarray, seed: int, *, lr: float = 
     raise RuntimeError(f"training did not reach zero error in {max_epochs} epochs (acc {acc})")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="|S|=100, |E|=200, 3 attack sizes")
     ap.add_argument("--attacks", type=int, nargs="*", help="attack-set sizes")
@@ -85,7 +85,7 @@ def main() -> None:
                     help="particles / samples per estimate (default 32000, --quick 8000)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-scaling", action="store_true", help="skip the scaling table")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.samples is None:
         args.samples = 8000 if args.quick else 32_000
     torch.set_num_threads(2)
