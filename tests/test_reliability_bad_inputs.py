@@ -9,8 +9,8 @@ Two tables:
   :func:`flatprior.cli.main`: exit status != 0, exactly one line on stderr, no traceback. Two of
   them are also run as real subprocesses.
 
-Cases marked ``xfail(strict=True)`` are known defects of packages owned by other helpers (see
-the reason); they turn into failures as soon as the defect is fixed, so the mark gets removed.
+A defect found by this matrix is pinned with ``xfail(strict=True)`` until it is fixed (none is
+open now).
 """
 
 from __future__ import annotations
@@ -201,29 +201,6 @@ def _train(x, y, **cfg):
 
 
 X, Y = xy()
-DEFECT_SHAPE = pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="defect (flatness/_common.py): inputs whose feature size does not fit the model "
-    "reach torch and raise RuntimeError 'mat1 and mat2 shapes cannot be multiplied'",
-)
-DEFECT_DTYPE = pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="defect (flatness/_common.py): integer inputs reach torch ('mat1 and mat2 must have "
-    "the same dtype')",
-)
-DEFECT_KERNEL_DTYPE = pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="defect (prior/kernels.py _as_matrix): a string array raises numpy's ValueError "
-    "'could not convert string to float', not FlatpriorError",
-)
-DEFECT_NPZ = pytest.mark.xfail(
-    strict=True,
-    reason="defect (prior/boolean.py BooleanPrior.load): a truncated .npz raises "
-    "zipfile.BadZipFile (not caught: it is neither OSError nor ValueError)",
-)
 
 
 def _api_cases():
@@ -301,7 +278,6 @@ def _api_cases():
             "boolean-prior-truncated-npz",
             _boolean_prior_truncated,
             "cannot read",
-            marks=DEFECT_NPZ,
         ),
         # --- arrays ---------------------------------------------------------------------------
         ("kernel-nan-input", lambda t: arccos_kernel(torch.tensor([[np.nan, 1.0]])), "NaN/inf"),
@@ -310,7 +286,6 @@ def _api_cases():
             "kernel-string-input",
             lambda t: arccos_kernel(np.array([["a", "b"]])),
             "numeric",
-            marks=DEFECT_KERNEL_DTYPE,
         ),
         ("ep-K-inf", lambda t: log_prior_ep(np.array([[1, np.inf], [np.inf, 1]]), [1, 0]), "inf"),
         ("ep-K-nonsquare", lambda t: log_prior_ep(np.ones((2, 3)), [1, 0]), "square"),
@@ -335,23 +310,20 @@ def _api_cases():
             "one row per input",
         ),
         ("sharpness-numpy-inputs", lambda t: keskar_sharpness(m, BCE, X.numpy(), Y), "tensors"),
-        pytest.param(
+        (
             "sharpness-wrong-features",
             lambda t: keskar_sharpness(m, BCE, torch.randn(10, 5), Y),
             "input",
-            marks=DEFECT_SHAPE,
         ),
-        pytest.param(
+        (
             "sharpness-int-inputs",
             lambda t: keskar_sharpness(m, BCE, X.long(), Y),
             "float",
-            marks=DEFECT_DTYPE,
         ),
-        pytest.param(
+        (
             "hessian-wrong-features",
             lambda t: hessian_spectral_norm(m, BCE, torch.randn(10, 5), Y),
             "input",
-            marks=DEFECT_SHAPE,
         ),
         ("train-nan-inputs", lambda t: _train(X * np.nan, Y.reshape(-1)), "NaN/inf"),
         ("train-labels-2", lambda t: _train(X, torch.full((10,), 2.0)), "{0, 1}"),

@@ -176,13 +176,6 @@ def _big_run(cfg):
     return {"status": "zero_error", "history": list(range(20000))}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=sqlite3.OperationalError,
-    reason="defect (experiments/store.py Store.put): 'database or disk is full' escapes as a raw "
-    "sqlite3.OperationalError (a traceback from inside sqlite3), not a FlatpriorError telling to "
-    "free space and re-run to resume",
-)
 def test_disk_full_during_sweep_is_reported(tmp_path):
     from flatprior.errors import FlatpriorError
     from flatprior.experiments.runner import run_sweep
@@ -194,12 +187,6 @@ def test_disk_full_during_sweep_is_reported(tmp_path):
             run_sweep(_one_config(), store, "x", run_fn=_big_run, workers=1, progress=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=sqlite3.OperationalError,
-    reason="defect (experiments/store.py Store.put/set_spec): a read-only database gives a raw "
-    "sqlite3.OperationalError 'attempt to write a readonly database'",
-)
 def test_read_only_store_during_sweep_is_reported(tmp_path):
     from flatprior.errors import FlatpriorError
     from flatprior.experiments.runner import run_sweep

@@ -12,8 +12,7 @@ Allowed outcomes of :func:`flatprior.prior.log_prior_ep` on a hard kernel: a fin
 * ``K = I``: ``log P = n log(1/2)`` exactly;
 * duplicated inputs with equal labels do not change ``P`` (the duplicate ``z`` are equal).
 
-Cases marked ``xfail(strict=True)`` are defects of other packages, listed in the reliability
-report; they fail loudly once fixed so the mark gets removed.
+A defect found here is pinned with ``xfail(strict=True)`` until it is fixed (none is open now).
 """
 
 from __future__ import annotations
@@ -222,18 +221,8 @@ def _with_copy_of_point_0(K0: np.ndarray, eta: float) -> np.ndarray:
     return K
 
 
-OPPOSITE_DEFECT = pytest.mark.xfail(
-    strict=True,
-    reason="defect (prior/ep.py): two identical inputs (correlation exactly 1) with opposite "
-    "labels have P(f) = 0, but EP adds jitter and returns a finite log P (-24.0, "
-    "converged=True) instead of -inf or a FlatpriorError naming the pair",
-)
-
-
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(
-    "eta", [pytest.param(0.0, marks=OPPOSITE_DEFECT), 1e-12, 1e-8, 1e-2], ids=str
-)
+@pytest.mark.parametrize("eta", [0.0, 1e-12, 1e-8, 1e-2], ids=str)
 def test_opposite_labels_on_near_duplicates_respect_the_pairwise_bound(digits, eta):
     """P(f) <= P(z_i > 0 > z_j) = arccos(r_ij) / (2 pi) for any pair with opposite labels
     (a marginal of the orthant probability; Sheppard 1899). r = 1 makes the bound 0."""
@@ -256,23 +245,14 @@ SIGMAS_OK = [
     (1e-3, 1e-8), (2.0, 1e-8), (1e3, 1e-8), (1e8, 1e-8),
     (2.0, 1.0), (1e3, 1.0), (1e8, 1.0), (1e8, 1e8),
 ]  # fmt: skip
-SIGMAS_DEFECT = [
+# sigma_b2 >> sigma_w2: every correlation within ~1e-6 of 1, arccos_kernel raises
+SIGMAS_CONSTANT = [
     (1e-8, 1e-8), (1e-8, 1.0), (1e-8, 1e8), (1e-3, 1.0), (1e-3, 1e8), (2.0, 1e8), (1e3, 1e8),
 ]  # fmt: skip
-DEFECT_SIGMA = pytest.mark.xfail(
-    strict=True,
-    reason="defect (prior/kernels.py + prior/ep.py): when sigma_b2 >> sigma_w2 every kernel "
-    "correlation rounds to 1 (or within 1e-6 of it); EP then returns, with converged=True, a "
-    "log P set by the diagonal jitter (-152.6 / -150.3 / -148.0 for jitter 1e-10 / 1e-8 / 1e-6) "
-    "instead of raising 'kernel numerically constant: lower sigma_b2 / raise sigma_w2'",
-)
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(
-    "sigma_w2, sigma_b2",
-    SIGMAS_OK + [pytest.param(*s, marks=DEFECT_SIGMA) for s in SIGMAS_DEFECT],
-)
+@pytest.mark.parametrize("sigma_w2, sigma_b2", SIGMAS_OK + SIGMAS_CONSTANT)
 def test_extreme_sigmas_give_a_well_posed_answer_or_an_error(digits, sigma_w2, sigma_b2):
     """Finite + converged + insensitive (< 1 nat) to a 1e-8 relative diagonal jitter, or a
     FlatpriorError. A value that moves by nats under a 1e-8 perturbation of K says nothing
@@ -365,21 +345,7 @@ def test_flatness_float32_overflow_without_upcast_raises(name):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(
-    "name",
-    [n for n in MEASURE_NAMES if n != "relative_flatness"]
-    + [
-        pytest.param(
-            "relative_flatness",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="defect (flatness/relative.py): last-layer weights ~1e200 make "
-                "<w_s, w_s'> overflow to inf, times a zero Hessian block = NaN, returned "
-                "silently instead of a FlatpriorError",
-            ),
-        )
-    ],
-)
+@pytest.mark.parametrize("name", MEASURE_NAMES)
 def test_flatness_huge_finite_weights_give_finite_value_or_error(name):
     """Weights x 1e200 in float64: the loss (~1e200) is finite; the measure must be finite or
     raise — never NaN/inf."""

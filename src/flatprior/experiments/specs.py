@@ -35,11 +35,30 @@ PRESETS = ("quick", "paper")
 ANALYSES = ("attack", "epochs", "boolean")
 
 
+MAX_RUNS = 1_000_000  # grid-size cap: beyond it a sweep is a typo, not an experiment
+
+
 def _expand_axis(name: str, v: Any) -> list[Any]:
     if isinstance(v, dict):
         if set(v) != {"range"} or not 2 <= len(v["range"]) <= 3:
             raise ValueError(f"sweep axis {name}: use a list or {{range = [start, stop, step]}}")
-        return list(range(*[int(a) for a in v["range"]]))
+        try:
+            r = range(*[int(a) for a in v["range"]])
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(
+                f"sweep axis {name}: range needs integers [start, stop, step], got {v['range']!r}"
+            ) from None
+        # size first: list(range(0, 10**9)) would exhaust memory before any check
+        if len(r) == 0:
+            raise ValueError(
+                f"sweep axis {name}: range {v['range']!r} is empty (stop must exceed start)"
+            )
+        if len(r) > MAX_RUNS:
+            raise ValueError(
+                f"sweep axis {name}: range {v['range']!r} has {len(r)} values, more than the "
+                f"{MAX_RUNS} runs a sweep may have; narrow the range"
+            )
+        return list(r)
     if not isinstance(v, list) or not v:
         raise ValueError(f"sweep axis {name} must be a non-empty list, got {v!r}")
     return list(v)
@@ -378,6 +397,16 @@ def resolve(
     if not build:  # only the layering (e.g. to count runs for `flatprior list`)
         return Resolved(spec, variant, preset, base, sweep, [], needs)
     names = list(sweep)
+    for n in names:
+        if not sweep[n]:
+            raise FlatpriorError(f"spec {spec.name}: sweep axis {n} is empty; give it values")
+    n_runs = math.prod(len(sweep[n]) for n in names)
+    if n_runs > MAX_RUNS:
+        sizes = " x ".join(f"{n}={len(sweep[n])}" for n in names)
+        raise FlatpriorError(
+            f"spec {spec.name}: the sweep has {n_runs} runs ({sizes}), more than {MAX_RUNS}; "
+            "shrink the sweep axes"
+        )
     first = {n: sweep[n][0] for n in names}
     proto = make_config(**base, **first)
     if RunConfig.__pydantic_decorators__.model_validators:

@@ -22,6 +22,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,8 @@ class Store:
 
     def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
         self.path = Path(path).expanduser()
+        # only a writable store is an output (`flatprior run --out`); reports just read a file
+        self._out_hint = "" if readonly else "; choose another --out"
         if readonly and not self.path.is_file():
             raise FlatpriorError(f"no results database at {self.path}; run `flatprior run` first")
         if not readonly:
@@ -91,12 +94,17 @@ class Store:
             msg = str(exc)
             if "not a database" in msg or "malformed" in msg:
                 raise FlatpriorError(
-                    f"{self.path} is not a flatprior results database (SQLite: {msg}); "
-                    "choose another --out"
+                    f"{self.path} is not a flatprior results database (SQLite: {msg})"
+                    f"{self._out_hint}"
+                ) from None
+            if readonly:
+                raise FlatpriorError(
+                    f"cannot read results database {self.path} ({msg}); check that the file is "
+                    "readable"
                 ) from None
             raise FlatpriorError(
-                f"cannot open results database {self.path} ({msg}); check that the folder is "
-                "writable or choose another --out"
+                f"cannot open results database {self.path} ({msg}); free space / make the file "
+                "and its folder writable, or choose another --out"
             ) from None
 
     # -- schema ------------------------------------------------------------------------------
@@ -118,16 +126,30 @@ class Store:
             return
         if not {"meta", "runs", "specs", "members"} <= tables:
             raise FlatpriorError(
-                f"{self.path} is a SQLite file but not a flatprior results database; "
-                "choose another --out"
+                f"{self.path} is a SQLite file but not a flatprior results database"
+                f"{self._out_hint}"
             )
         row = self._con.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
         found = row[0] if row else "none"
         if found != str(SCHEMA_VERSION):
+            fix = "use a new --out file or" if not readonly else "use"
             raise FlatpriorError(
                 f"{self.path} has results schema version {found}, this flatprior reads version "
-                f"{SCHEMA_VERSION}; use a new --out file (or the flatprior version that wrote it)"
+                f"{SCHEMA_VERSION}; {fix} the flatprior version that wrote it"
             )
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """One transaction (COMMIT, or ROLLBACK on error); a failed write (disk full, read-only
+        file, locked) becomes one line telling how to resume."""
+        try:
+            with self._con:
+                yield
+        except sqlite3.OperationalError as exc:
+            raise FlatpriorError(
+                f"cannot write to results database {self.path} ({exc}); free space / make the "
+                "file writable, then re-run to resume (finished runs are kept)"
+            ) from None
 
     # -- writing -----------------------------------------------------------------------------
     def put(self, record: dict[str, Any], spec: str | None = None) -> None:
@@ -139,7 +161,7 @@ class Store:
             blob = json.dumps(record, allow_nan=False, separators=(",", ":"))
         except ValueError as exc:
             raise FlatpriorError(f"record {key} is not JSON-serialisable ({exc})") from None
-        with self._con:  # BEGIN … COMMIT, or ROLLBACK on error: never a partial row
+        with self._writing():  # BEGIN … COMMIT, or ROLLBACK on error: never a partial row
             self._con.execute(
                 "INSERT OR REPLACE INTO runs(key, status, created, record) VALUES (?, ?, ?, ?)",
                 (key, status, time.time(), blob),
@@ -149,7 +171,7 @@ class Store:
 
     def set_spec(self, label: str, info: dict[str, Any]) -> None:
         """Store (or update) the description of a spec label."""
-        with self._con:
+        with self._writing():
             self._con.execute(
                 "INSERT OR REPLACE INTO specs VALUES (?, ?)", (label, json.dumps(info, default=str))
             )
@@ -161,7 +183,7 @@ class Store:
 
     def add_members(self, spec: str, keys: Iterable[str]) -> None:
         """List already-stored runs under ``spec`` too (a re-run that skipped them)."""
-        with self._con:
+        with self._writing():
             self._con.executemany(
                 "INSERT OR IGNORE INTO members VALUES (?, ?)", [(spec, k) for k in keys]
             )

@@ -21,12 +21,18 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def check_data(inputs: Tensor, targets: Tensor) -> int:
-    """Validate ``inputs [N, ...]`` / ``targets [N, ...]``; return ``N`` (> 0)."""
+def check_data(inputs: Tensor, targets: Tensor, model: nn.Module | None = None) -> int:
+    """Validate ``inputs [N, ...]`` / ``targets [N, ...]``; return ``N`` (> 0).
+
+    With ``model``, also run it once on ``inputs[:1]`` (no grad, eval mode, mode restored) so an
+    input shape the model cannot take fails here with one line, not deep inside torch.
+    """
     if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
         raise FlatpriorError("inputs and targets must be torch tensors (e.g. task.x_train)")
     if inputs.ndim == 0 or inputs.shape[0] == 0:
         raise FlatpriorError("inputs are empty (N = 0); pass at least one training example")
+    if not inputs.is_floating_point():
+        raise FlatpriorError(f"inputs have dtype {inputs.dtype}; they must be float (use .float())")
     if targets.ndim == 0 or targets.shape[0] != inputs.shape[0]:
         got = "a scalar" if targets.ndim == 0 else str(targets.shape[0])
         raise FlatpriorError(
@@ -35,7 +41,34 @@ def check_data(inputs: Tensor, targets: Tensor) -> int:
     check_finite_tensor("inputs", inputs)
     if targets.is_floating_point():
         check_finite_tensor("targets", targets)
+    if model is not None:
+        probe_model(model, inputs)
     return int(inputs.shape[0])
+
+
+def probe_model(model: nn.Module, inputs: Tensor) -> None:
+    """Forward ``inputs[:1]`` (cast to the model's dtype/device) through ``model`` in eval mode
+    under ``no_grad``; a torch error becomes a one-line :class:`FlatpriorError`."""
+    if not isinstance(model, nn.Module):
+        return  # eval_copy reports a non-module model
+    p = next(model.parameters(), None)
+    x = inputs[:1] if p is None else inputs[:1].to(device=p.device, dtype=p.dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        text = str(exc).strip()
+        first = text.splitlines()[0][:160] if text else type(exc).__name__
+        lin = next((m for m in model.modules() if isinstance(m, nn.Linear)), None)
+        want = f" (its first Linear layer takes {lin.in_features} features)" if lin else ""
+        raise FlatpriorError(
+            f"the model does not accept inputs of shape {list(inputs.shape[1:])} ({first}); "
+            f"pass inputs shaped like its training data{want}"
+        ) from None
+    finally:
+        model.train(was_training)
 
 
 def check_int(name: str, value: object, *, minimum: int = 1) -> int:

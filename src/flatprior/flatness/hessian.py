@@ -138,7 +138,7 @@ def hessian_operator(
     check_choice("HVP kernel", hvp, HVP_KERNELS)
     check_loss_fn(loss_fn)
     loss_fn = align_targets(loss_fn)
-    n = check_data(inputs, targets)
+    n = check_data(inputs, targets, model if _copy is None else _copy)
     if batch_size is not None:
         batch_size = check_int("batch_size", batch_size)
     net = eval_copy(model, dtype) if _copy is None else _copy

@@ -218,7 +218,7 @@ def keskar_sharpness(
     check_choice("sharpness method", method, METHODS)
     check_loss_fn(loss_fn)
     loss_fn = align_targets(loss_fn)
-    check_data(inputs, targets)
+    check_data(inputs, targets, model)
     check_positive("lr", lr)
     check_positive("tol", tol, allow_zero=True)
     batch_size = check_int("batch_size", batch_size)

@@ -106,6 +106,12 @@ def relative_flatness(
             s_idx, c_idx = idx // n, idx % n
             col = he[torch.arange(idx.numel(), device=w.device), :, c_idx]  # [J, m] over s'
             total += (gram[s_idx] * col).sum()
+    if not (bool(torch.isfinite(gram).all()) and bool(torch.isfinite(total))):
+        # e.g. |w| ~ 1e200: <w_s, w_s'> overflows to inf and inf * 0 (a zero Hessian entry) = NaN
+        raise FlatpriorError(
+            f"relative flatness is not finite ({float(total)}): the layer's Gram matrix W W^T "
+            f"overflows (max |w| = {float(w.abs().max()):.3g}); rescale the layer's weights"
+        )
     return float(total)
 
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import zipfile
+import zlib
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -211,20 +213,34 @@ class BooleanPrior:
     @staticmethod
     def load(path: str | os.PathLike) -> BooleanPrior:
         """Read a file written by :meth:`save` (``allow_pickle=False``)."""
+        # a truncated/garbled zip raises BadZipFile, EOFError or zlib.error, not OSError
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
                 keys = z["keys"].astype(np.uint64)
                 counts = z["counts"].astype(np.int64)
-        except (OSError, KeyError, ValueError) as exc:
-            raise FlatpriorError(f"cannot read Boolean prior file {path}: {exc}") from None
-        if meta.get("format") != _FORMAT_VERSION or keys.ndim != 2 or keys.shape[1] != 2:
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise FlatpriorError(
+                f"cannot read Boolean prior file {path} (corrupted or not a BooleanPrior file): "
+                f"{msg}"
+            ) from None
+        if (not isinstance(meta, dict) or meta.get("format") != _FORMAT_VERSION
+                or keys.ndim != 2 or keys.shape[1] != 2):
             raise FlatpriorError(f"{path} is not a flatprior Boolean prior file (format 1)")
-        if int(counts.sum()) != int(meta["n_samples"]):
+        try:
+            n_samples = int(meta["n_samples"])
+            args = (int(meta["n_inputs"]), tuple(meta["widths"]), float(meta["sigma_w"]),
+                    float(meta["sigma_b"]))
+            seeds = tuple(meta["seeds"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FlatpriorError(
+                f"{path} is corrupted (bad or missing metadata {exc}); it is not a valid "
+                "BooleanPrior file, re-create it with BooleanPrior.save"
+            ) from None
+        if counts.ndim != 1 or counts.shape[0] != keys.shape[0] or int(counts.sum()) != n_samples:
             raise FlatpriorError(f"{path} is corrupt: counts do not add up to n_samples")
-        return BooleanPrior(int(meta["n_inputs"]), tuple(meta["widths"]), float(meta["sigma_w"]),
-                            float(meta["sigma_b"]), keys, counts, int(meta["n_samples"]),
-                            tuple(meta["seeds"]))
+        return BooleanPrior(*args, keys, counts, n_samples, seeds)
 
 
 def _sample_keys(n_samples: int, widths: Sequence[int], sigma_w: float, sigma_b: float,

@@ -46,6 +46,9 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _TAIL = 40.0
 # Sites with 1 - B^{-1}_ii below this get Sigma_ii from the direct (K-side) formula.
 _WEAK_SITE = 1e-7
+# |1 - |r_ij|| below this: the pair is the same Gaussian variable up to rounding (a few ulp of
+# K_ij / sqrt(K_ii K_jj)); r = 1 - 1e-12 is still a genuine (P = arccos(r) / 2 pi) pair.
+_SAME_POINT = 1e-14
 
 
 @dataclass(frozen=True)
@@ -362,7 +365,9 @@ def log_prior_ep(
 
     Raises:
         FlatpriorError: bad ``K``/``y``, options out of range, a kernel that is not positive
-            (semi)definite even with ``max_jitter``, or any NaN/inf during the run.
+            (semi)definite even with ``max_jitter``, any NaN/inf during the run, or (Heaviside)
+            ``P(f) = 0`` exactly: a pair with correlation ``1`` (to ``1e-14``) and opposite
+            labels, or correlation ``-1`` and equal labels (named in the message).
     """
     K, ysign = as_kernel_and_signs(K, y)  # private float64 copy
     check_choice("EP likelihood", likelihood, ["heaviside", "probit"])
@@ -384,15 +389,30 @@ def log_prior_ep(
         )
     scale = float(diag.mean())
     K *= 1.0 / scale
-    # necessary PSD condition |K_ij| <= sqrt(K_ii K_jj), checked per row block (cheap)
+    # necessary PSD condition |r_ij| <= 1 for r_ij = K_ij / sqrt(K_ii K_jj), and (Heaviside)
+    # P(f) = 0 exactly when some pair has r = 1 with opposite labels or r = -1 with equal ones
+    # (z_i = ±z_j a.s.); EP would silently return a jitter-set finite value. Per row block.
     sd = np.sqrt(np.diagonal(K))
+    heaviside = likelihood == "heaviside"
     for lo in range(0, n, 2048):
-        blk = np.abs(K[lo : lo + 2048]) / np.outer(sd[lo : lo + 2048], sd)
-        if float(blk.max()) > 1.0 + 1e-6:
+        corr = K[lo : lo + 2048] / np.outer(sd[lo : lo + 2048], sd)
+        if float(np.abs(corr).max()) > 1.0 + 1e-6:
             raise FlatpriorError(
                 "kernel K is not positive semidefinite (|K_ij| > sqrt(K_ii K_jj)); "
                 "check how it was built"
             )
+        if heaviside:
+            same = ysign[lo : lo + 2048, None] == ysign[None, :]
+            bad = ((corr > 1.0 - _SAME_POINT) & ~same) | ((corr < -1.0 + _SAME_POINT) & same)
+            if bad.any():
+                bi, j = np.argwhere(bad)[0]
+                i = lo + int(bi)
+                kind = ("identical inputs", "opposite") if corr[bi, j] > 0 else (
+                    "exactly anti-correlated inputs", "equal")
+                raise FlatpriorError(
+                    f"P(f) = 0: {kind[0]} {i} and {int(j)} (kernel correlation "
+                    f"{corr[bi, j]:.15g}) have {kind[1]} labels; fix the labels or drop one"
+                )
     buf = np.empty((n, n), dtype=np.float64, order="F")
     if n_threads is None:
         n_threads = 1 if n < 2048 else None
