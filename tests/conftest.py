@@ -8,10 +8,13 @@ MNIST_ROOT = SHARED / "data"
 
 
 @pytest.fixture(autouse=True)
-def _few_threads():
-    # Two cores are shared by the whole suite; keep torch from oversubscribing.
-    torch.set_num_threads(2)
+def _single_torch_thread():
+    """One intra-op thread: the test networks are tiny, and on a shared 2-core machine two
+    threads thrash (10-20x slower). BLAS threads (numpy/scipy, e.g. EP) are not affected."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture

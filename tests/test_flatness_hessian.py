@@ -22,13 +22,6 @@ from flatprior.flatness import (
 BCE = nn.BCEWithLogitsLoss()
 
 
-@pytest.fixture(autouse=True)
-def _single_torch_thread():
-    """On the shared 2-core machine two intra-op threads thrash (10-20x slower); restore after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_problem(seed: int = 0, n: int = 37, widths=(5, 4, 3)):

@@ -19,13 +19,6 @@ MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 BCE = nn.BCEWithLogitsLoss()
 
 
-@pytest.fixture(autouse=True)
-def _single_torch_thread():
-    """On the shared 2-core machine two intra-op threads thrash (10-20x slower); restore after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _logreg_problem(d: int = 11, n: int = 64, seed: int = 1):

@@ -23,13 +23,6 @@ from test_flatness_keskar import load_mnist_subset, train_fcn_to_zero_error
 BCE = nn.BCEWithLogitsLoss()
 
 
-@pytest.fixture(autouse=True)
-def _single_torch_thread():
-    """On the shared 2-core machine two intra-op threads thrash (10-20x slower); restore after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def dense_relative_flatness(net: nn.Module, layer: nn.Module, x, y) -> float:
