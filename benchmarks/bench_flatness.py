@@ -39,19 +39,9 @@ def load_mnist(n: int, seed: int = 0, root: Path = MNIST):
 
 
 def make_fcn(seed: int) -> nn.Module:
-    try:
-        from flatprior.models import FCN, init_weights
+    from flatprior.models import FCN, init_weights
 
-        return init_weights(FCN((784, 40, 40, 1)), seed=seed)
-    except ImportError:  # foundation missing: same architecture/init by hand
-        gen = torch.Generator().manual_seed(seed)
-        net = nn.Sequential(nn.Linear(784, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(),
-                            nn.Linear(40, 1))
-        with torch.no_grad():
-            for layer in net[::2]:
-                layer.weight.normal_(0, (2 / layer.in_features) ** 0.5, generator=gen)
-                layer.bias.normal_(0, 1, generator=gen)
-        return net
+    return init_weights(FCN((784, 40, 40, 1)), seed=seed)
 
 
 def train_to_zero_error(net, x, y, lr=0.1, seed=0, max_epochs=2000):

@@ -1,4 +1,6 @@
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,3 +24,22 @@ def mnist_root() -> Path:
     if not (MNIST_ROOT / "mnist" / "t10k-images-idx3-ubyte.gz").exists():
         pytest.skip("../shared/data/mnist not present")
     return MNIST_ROOT
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run ``flatprior ARGS...`` in-process through the real entry point; returns
+    ``(returncode, stdout, stderr)`` as a namespace."""
+    from flatprior.cli import main
+
+    def call(*args):
+        monkeypatch.setattr(sys, "argv", ["flatprior", *map(str, args)])
+        code = 0
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code
+        o = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=o.out, stderr=o.err)
+
+    return call

@@ -2,27 +2,10 @@
 
 import json
 import sqlite3
-import sys
-from types import SimpleNamespace
 
 import pytest
 
-from flatprior.cli import main
-
-
-@pytest.fixture
-def cli(capsys, monkeypatch):
-    def call(*args):
-        monkeypatch.setattr(sys, "argv", ["flatprior", *args])
-        code = 0
-        try:
-            main()
-        except SystemExit as e:
-            code = e.code
-        o = capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=o.out, stderr=o.err)
-
-    return call
+# the ``cli`` fixture (in-process ``flatprior ...``) lives in conftest.py
 
 
 def test_list_shows_every_spec_and_what_it_needs(cli):

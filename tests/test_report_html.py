@@ -2,7 +2,6 @@ import base64
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -98,23 +97,15 @@ def test_report_content(report, db):
     assert "measures around zero error and the α-scaling" in page
 
 
-def call_main(args, capsys, monkeypatch):
-    from flatprior.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["flatprior", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code
-    o = capsys.readouterr()
-    return code, o.out, o.err
+def call_main(args, cli):
+    r = cli(*args)
+    return r.returncode, r.stdout, r.stderr
 
 
-def test_report_cli_and_errors(db, tmp_path, capsys, monkeypatch):
+def test_report_cli_and_errors(db, tmp_path, cli):
     out = tmp_path / "cli.html"
     code, so, se = call_main(["report", str(db), "--out", str(out), "--n-boot", "50",
-                              "--export", str(tmp_path / "runs.csv")], capsys, monkeypatch)
+                              "--export", str(tmp_path / "runs.csv")], cli)
     assert code == 0, se
     assert "correlation with generalization" in so and out.stat().st_size > 10_000
     import pandas as pd
@@ -123,7 +114,7 @@ def test_report_cli_and_errors(db, tmp_path, capsys, monkeypatch):
     assert len(runs) == 24 + 1 + 24 and runs["key"].is_unique
     for args, match in [([str(tmp_path / "none.db")], "no results database"),
                         ([str(db), "--out", str(tmp_path / "no" / "x.html")], "folder")]:
-        code, _, se = call_main(["report", *args], capsys, monkeypatch)
+        code, _, se = call_main(["report", *args], cli)
         lines = [ln for ln in se.splitlines() if ln.strip()]
         assert code == 2 and len(lines) == 1 and match in lines[0], se
 
