@@ -127,7 +127,7 @@ def bench_boolean(n_samples: int, n_workers: int) -> None:
 
     widths = (7, 40, 40, 1)
     per_net = sum((a + 1) * b for a, b in zip(widths[:-1], widths[1:], strict=True))
-    batch = 4096
+    batch = 1024  # the sampler's default
     sample_boolean_prior(batch, seed=99)  # warm-up
     t = time.perf_counter()
     prior = sample_boolean_prior(

@@ -301,7 +301,7 @@ def sample_boolean_prior(
     sigma_b: float = 1.0,
     seed: int = 0,
     *,
-    batch_size: int = 4096,
+    batch_size: int = 1024,
     n_workers: int = 1,
 ) -> BooleanPrior:
     r"""Estimate ``P(f)`` on ``{0,1}^n_in`` by sampling random ReLU networks.
@@ -317,7 +317,9 @@ def sample_boolean_prior(
         sigma_w, sigma_b: weight and bias scales.
         seed: master seed; the torch generators of the ``n_workers`` chunks are derived from
             it with ``numpy.random.SeedSequence`` (so results depend on ``n_workers``).
-        batch_size: networks per vectorised batch.
+        batch_size: networks per vectorised batch. 1024 keeps a batch's activations
+            (``batch_size x 40 x 128`` floats) near the CPU caches: measured 88 k networks/s on
+            2 cores vs 46 k at 4096 (FCN 7-40-40-1).
         n_workers: ``1`` = this process (torch intra-op threads); ``> 1`` = that many spawned
             processes with one thread each (uses both cores for the RNG too; a script calling
             this needs the usual ``if __name__ == "__main__":`` guard).
