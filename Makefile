@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/flatprior demo
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/python -m pytest -q
 
 test-all: $(STAMP)

@@ -171,3 +171,34 @@ def test_nan_inputs_rejected():
     x[4, 1] = np.nan
     with pytest.raises(FlatpriorError, match="NaN/inf"):
         split_pool(x, np.zeros(20, np.float32), 5, 0, 5, 0, dataset="mine")
+
+
+def test_task_from_arrays_own_data():
+    from flatprior.data import task_from_arrays
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(100, 3))
+    y = (x[:, 0] > 0).astype(int)
+    t = task_from_arrays(x, y, 40, 10, 30, seed=1)
+    assert t.sizes == {"n_train": 40, "n_attack": 10, "n_test": 30} and _disjoint(t)
+    assert t.x_train.dtype == torch.float32
+    assert np.array_equal(t.y_attack.numpy(), 1 - y[t.idx_attack])
+    with pytest.raises(FlatpriorError, match="labels must be 0 or 1"):
+        task_from_arrays(x, y + 1, 10)
+    with pytest.raises(FlatpriorError, match="shapes"):
+        task_from_arrays(x, y[:50], 10)
+
+
+def test_example_own_data_and_model_runs_end_to_end():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "own_data_and_model.py"
+    spec = importlib.util.spec_from_file_location("own_example", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.main()
+    assert [r["n_attack"] for r in rows] == [0, 100, 200]
+    assert rows[0]["status"] == "zero_error"
+    for r in rows:
+        assert r["log_prior"] < 0 and r["sharpness"] > 0 and r["spectral_norm"] > 0

@@ -1,5 +1,5 @@
 """Data: binary tasks with attack sets (boolean, digits, MNIST, CIFAR-10)."""
 
-from flatprior.data.tasks import DATASETS, Task, make_task
+from flatprior.data.tasks import DATASETS, Task, make_task, task_from_arrays
 
-__all__ = ["DATASETS", "Task", "make_task"]
+__all__ = ["DATASETS", "Task", "make_task", "task_from_arrays"]

@@ -135,6 +135,35 @@ def split_pool(
     return task
 
 
+def task_from_arrays(
+    x,
+    y,
+    n_train: int,
+    n_attack: int = 0,
+    n_test: int | None = None,
+    seed: int = 0,
+    *,
+    name: str = "custom",
+) -> Task:
+    """A task from your own data: inputs ``x [N, ...]`` and binary labels ``y [N]`` in {0, 1}.
+
+    S, A (labels flipped) and E are drawn disjointly from the N examples with ``seed``, exactly
+    as for the built-in data sets. Accepts numpy arrays or torch tensors.
+    """
+    x = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+    y = y.detach().cpu().numpy() if hasattr(y, "detach") else np.asarray(y)
+    if x.ndim < 2 or len(x) != len(y) or y.ndim != 1:
+        raise FlatpriorError(
+            f"{name}: need inputs [N, ...] and labels [N], got shapes {x.shape} and {y.shape}"
+        )
+    if not np.issubdtype(x.dtype, np.number):
+        raise FlatpriorError(f"{name}: inputs must be numeric, got dtype {x.dtype}")
+    if not np.isin(y, (0, 1)).all():
+        raise FlatpriorError(f"{name}: labels must be 0 or 1; binarise them first")
+    return split_pool(x.astype(np.float32), y.astype(np.float32), n_train, n_attack, n_test,
+                      seed, dataset=name)
+
+
 def make_task(
     dataset: str,
     n_train: int,
