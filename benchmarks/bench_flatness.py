@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gzip
 import time
 from pathlib import Path
 
@@ -29,10 +28,10 @@ BCE = nn.BCEWithLogitsLoss()
 
 
 def load_mnist(n: int, seed: int = 0, root: Path = MNIST):
-    with gzip.open(root / "t10k-images-idx3-ubyte.gz") as f:
-        x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 784)
-    with gzip.open(root / "t10k-labels-idx1-ubyte.gz") as f:
-        y = np.frombuffer(f.read(), np.uint8, offset=8)
+    from flatprior.data.mnist import load_mnist_raw  # the project's validated IDX reader
+
+    x, y = load_mnist_raw(root.parent)["test"]
+    x = x.reshape(-1, 784)
     idx = np.random.default_rng(seed).permutation(len(y))[:n]
     return (torch.tensor(x[idx] / 255.0, dtype=torch.float32),
             torch.tensor((y[idx] >= 5).astype(np.float32)).reshape(-1, 1))

@@ -19,7 +19,6 @@ Run: ``python benchmarks/bench_tilting.py`` (≈ 5 min on 2 busy cores) or ``--q
 from __future__ import annotations
 
 import argparse
-import gzip
 import time
 import warnings
 from pathlib import Path
@@ -37,10 +36,10 @@ MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
 def load_mnist_t10k(root: Path = MNIST) -> tuple[np.ndarray, np.ndarray]:
     """t10k images ``[10000, 784]`` in [0, 1] (float32) and binary labels (digit >= 5)."""
-    with gzip.open(root / "t10k-images-idx3-ubyte.gz") as f:
-        x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 784)
-    with gzip.open(root / "t10k-labels-idx1-ubyte.gz") as f:
-        lab = np.frombuffer(f.read(), np.uint8, offset=8)
+    from flatprior.data.mnist import load_mnist_raw  # the project's validated IDX reader
+
+    x, lab = load_mnist_raw(root.parent)["test"]
+    x = x.reshape(-1, 784)
     return (x / 255.0).astype(np.float32), (lab >= 5).astype(np.float32)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import gzip
 import itertools
 from pathlib import Path
 
@@ -201,10 +200,10 @@ def load_mnist_subset(n: int = 500, seed: int = 0):
     img, lab = MNIST / "t10k-images-idx3-ubyte.gz", MNIST / "t10k-labels-idx1-ubyte.gz"
     if not (img.exists() and lab.exists()):
         pytest.skip("MNIST t10k files not available")
-    with gzip.open(img) as f:
-        x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 784)
-    with gzip.open(lab) as f:
-        y = np.frombuffer(f.read(), np.uint8, offset=8)
+    from flatprior.data.mnist import load_mnist_raw  # the project's validated IDX reader
+
+    x, y = load_mnist_raw(MNIST.parent)["test"]
+    x = x.reshape(-1, 784)
     idx = np.random.default_rng(seed).permutation(len(y))[:n]
     return (torch.tensor(x[idx] / 255.0, dtype=torch.float32),
             torch.tensor((y[idx] >= 5).astype(np.float32)).reshape(-1, 1))
