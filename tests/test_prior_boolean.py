@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from scipy.stats import chisquare
 
 from flatprior.errors import FlatpriorError
@@ -143,3 +144,65 @@ def test_ep_and_gp_monte_carlo_vs_sampler_on_constant_functions():
         assert abs(mc.log_prob - row.log_p) < 0.07  # width 40 vs infinite width + MC noise
         assert ep.log_prob == pytest.approx(-1.437, abs=0.005)
         assert 0.36 < row.log_p - ep.log_prob < 0.50
+
+
+def _reference_outputs(z: np.ndarray, widths, sigma_w: float, sigma_b: float, b: int):
+    """Float64 forward pass of the ``b`` networks whose standard normal parameters are ``z``,
+    decoded from the documented layout with explicit scales (no folding, no input split)."""
+    n_in, h = widths[0], widths[1]
+    n_lo = (n_in + 1) // 2
+    n_hi = n_in - n_lo
+    o = 0
+    z_hi = z[o : o + b * h * (n_hi + 1)].reshape(b, h, n_hi + 1)
+    o += b * h * (n_hi + 1)
+    z_lo = z[o : o + b * h * n_lo].reshape(b, h, n_lo)
+    o += b * h * n_lo
+    w1 = np.concatenate([z_hi[:, :, :n_hi], z_lo], axis=2) * sigma_w / math.sqrt(n_in)
+    x = boolean_inputs(n_in).astype(np.float64).T  # [n_in, N]
+    act = w1 @ x + sigma_b * z_hi[:, :, n_hi:]
+    for fan_in, fan_out in zip(widths[1:-1], widths[2:], strict=True):
+        act = np.maximum(act, 0.0)
+        w = z[o : o + b * fan_out * fan_in].reshape(b, fan_out, fan_in)
+        o += b * fan_out * fan_in
+        bias = z[o : o + b * fan_out].reshape(b, fan_out, 1)
+        o += b * fan_out
+        act = (sigma_w / math.sqrt(fan_in)) * (w @ act) + sigma_b * bias
+    assert o == z.size
+    return act[:, 0, :]
+
+
+@pytest.mark.parametrize(
+    ("widths", "sigma_w", "sigma_b"),
+    [((7, 40, 40, 1), 1.0, 1.0), ((7, 40, 40, 1), 1.4142, 0.3), ((5, 6, 7, 8, 1), 2.0, 1.0),
+     ((3, 1), 1.0, 1.0), ((1, 1), 1.0, 0.0), ((2, 5, 1), 1e-9, 1.0), ((4, 3, 1), 0.0, 1.0),
+     ((6, 9, 1), 1.0, 0.0)],
+)
+def test_fast_forward_matches_float64_reference(widths, sigma_w, sigma_b):
+    # the sampler folds the weight scales into the biases (ReLU is positively homogeneous),
+    # splits the inputs into high/low bits and runs in float32: its signs must be those of an
+    # explicit float64 forward pass of the same parameters wherever the output is not ~0
+    from flatprior.prior.boolean import _BatchForward
+
+    b = 300
+    fwd = _BatchForward(widths, sigma_w, sigma_b, batch_size=b)
+    z = torch.randn(b * fwd.per_net, generator=torch.Generator().manual_seed(3))
+    got = fwd.bits(z, b).numpy()
+    ref = _reference_outputs(z.double().numpy(), widths, sigma_w, sigma_b, b)
+    assert got.shape == (b, 2 ** widths[0])
+    clear = np.abs(ref) > 1e-5 * max(1.0, float(np.abs(ref).max()))
+    np.testing.assert_array_equal(got[clear], ref[clear] > 0)
+    assert clear.mean() > 0.99 or sigma_b == 0.0  # (sigma_b = 0: x = 0 gives output exactly 0)
+    if sigma_b == 0.0:
+        assert not got[:, 0].any()  # output 0 at the all-zero input is not "> 0"
+
+
+def test_sampler_independent_of_worker_count_and_reports_progress():
+    seen, threads = [], torch.get_num_threads()
+    one = sample_boolean_prior(70_000, (7, 8, 1), seed=4, n_workers=1, progress=seen.append)
+    two = sample_boolean_prior(70_000, (7, 8, 1), seed=4, n_workers=2)
+    assert sum(seen) == 70_000 and len(seen) == 2  # chunks of 65 536 networks
+    np.testing.assert_array_equal(one.keys, two.keys)
+    np.testing.assert_array_equal(one.counts, two.counts)
+    other = sample_boolean_prior(70_000, (7, 8, 1), seed=5, n_workers=2)
+    assert not np.array_equal(one.counts, other.counts)
+    assert torch.get_num_threads() == threads  # restored after sampling
