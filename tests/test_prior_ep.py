@@ -148,6 +148,33 @@ def test_stopping_on_log_prob_change_matches_site_rule():
     assert fast.log_prob == pytest.approx(sites.log_prob, rel=1e-6)
 
 
+def test_anderson_acceleration_same_fixed_point_fewer_iterations():
+    # MNIST-like case where plain parallel EP converges slowly (linear rate ~0.7): the digits
+    # arc-cosine kernel, n = 1000, label = digit >= 5. Measured: 28 plain updates vs 12
+    # accelerated at the default tolerance; 63 vs 19 at 1e-14, values equal to 4e-13.
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    K = arccos_kernel(digits.data[:1000] / 16.0).numpy()
+    y = (digits.target[:1000] >= 5).astype(int)
+    plain = log_prior_ep(K, y, anderson=0)
+    fast = log_prior_ep(K, y)
+    assert plain.converged and fast.converged
+    assert fast.n_iter <= 0.6 * plain.n_iter
+    assert fast.log_prob == pytest.approx(plain.log_prob, rel=1e-7)
+    tight = {a: log_prior_ep(K, y, anderson=a, tol=1e-14, max_iter=500) for a in (0, 5)}
+    assert tight[0].converged and tight[5].converged
+    assert tight[5].log_prob == pytest.approx(tight[0].log_prob, rel=1e-10)
+    # and on the small exact-reference cases (incl. damped, strongly correlated ones)
+    for _, _, Kc, yc in _accuracy_cases():
+        a = log_prior_ep(Kc, yc, anderson=0, tol=1e-14, max_iter=2000)
+        b = log_prior_ep(Kc, yc, tol=1e-14, max_iter=2000)
+        assert a.converged and b.converged
+        assert b.log_prob == pytest.approx(a.log_prob, rel=1e-10)
+    with pytest.raises(FlatpriorError, match="anderson"):
+        log_prior_ep(K[:5, :5], y[:5], anderson=-1)
+
+
 @settings(max_examples=20, deadline=None)
 @given(
     n=st.integers(2, 8),

@@ -49,6 +49,8 @@ _WEAK_SITE = 1e-7
 # |1 - |r_ij|| below this: the pair is the same Gaussian variable up to rounding (a few ulp of
 # K_ij / sqrt(K_ii K_jj)); r = 1 - 1e-12 is still a genuine (P = arccos(r) / 2 pi) pair.
 _SAME_POINT = 1e-14
+# Anderson acceleration starts once the mean squared relative site change is below this
+_ANDERSON_START = 0.1
 
 
 @dataclass(frozen=True)
@@ -149,9 +151,11 @@ def _posterior_and_energy(K: np.ndarray, diagK: np.ndarray, y: np.ndarray, tau: 
     """
     n = K.shape[0]
     sq = np.sqrt(tau)
-    # B = I + S^1/2 K S^1/2, built in the F-ordered buffer (K symmetric: K.T is an F view)
-    np.multiply(K.T, sq[:, None], out=buf)
-    buf *= sq[None, :]
+    # B = I + S^1/2 K S^1/2, written through the C-ordered transpose of the F-ordered buffer
+    # (B is symmetric), so both passes are contiguous
+    bt = buf.T
+    np.multiply(K, sq[:, None], out=bt)
+    bt *= sq[None, :]
     idx = np.arange(n)
     buf[idx, idx] += 1.0
     L, info = lapack.dpotrf(buf, lower=1, overwrite_a=1, clean=1)
@@ -205,7 +209,48 @@ def _posterior_and_energy(K: np.ndarray, diagK: np.ndarray, y: np.ndarray, tau: 
     return energy, mu, sigma, z, tau_cav
 
 
-def _run_ep(K, y, *, tol, tol_log_prob, max_iter, damping, adaptive, s2, buf):
+class _Anderson:
+    """Anderson acceleration (type II, Walker & Ni 2011) of the fixed-point map sites -> sites.
+
+    Parallel EP converges linearly (each update shrinks the error by a roughly constant factor,
+    measured 0.6-0.7 on MNIST kernels); extrapolating from the last ``memory`` updates cuts the
+    number of factorisations. Safeguards: only once the site changes are small (the early
+    transient is not near-linear), never with damping, a candidate with a non-positive or
+    non-finite precision falls back to the plain update, and the memory is cleared when the
+    residual grows 10-fold. The fixed point, hence the result, is the one of plain EP.
+    """
+
+    def __init__(self, memory: int):
+        self.memory = memory
+        self.xs: list[np.ndarray] = []
+        self.gs: list[np.ndarray] = []
+        self.last_res = math.inf
+
+    def reset(self) -> None:
+        self.xs, self.gs = [], []
+
+    def step(self, tau, nu, new_tau, new_nu, residual):
+        if residual > 10.0 * self.last_res:
+            self.reset()
+        self.last_res = residual
+        x = np.concatenate([tau, nu])
+        g = np.concatenate([new_tau, new_nu]) - x
+        self.xs = [*self.xs[-self.memory :], x]
+        self.gs = [*self.gs[-self.memory :], g]
+        if len(self.xs) < 2:
+            return new_tau, new_nu
+        dx = np.diff(np.array(self.xs), axis=0).T  # [2n, k]
+        dg = np.diff(np.array(self.gs), axis=0).T
+        gamma = np.linalg.lstsq(dg, g, rcond=None)[0]
+        cand = x + g - (dx + dg) @ gamma
+        n = tau.size
+        if not np.isfinite(cand).all() or (cand[:n] <= 0).any():
+            self.reset()
+            return new_tau, new_nu
+        return cand[:n], cand[n:]
+
+
+def _run_ep(K, y, *, tol, tol_log_prob, max_iter, damping, adaptive, s2, buf, anderson):
     n = K.shape[0]
     diagK = np.diagonal(K).copy()
     tau = np.zeros(n)
@@ -221,6 +266,7 @@ def _run_ep(K, y, *, tol, tol_log_prob, max_iter, damping, adaptive, s2, buf):
     dmax = math.inf
     dlog = math.inf
     stop = "max_iter"
+    accel = _Anderson(anderson) if anderson > 0 else None
     while n_iter < max_iter:
         new_tau, new_nu = _site_update(z, y, tau_cav, s2)
         if not (np.isfinite(new_tau).all() and np.isfinite(new_nu).all()):
@@ -245,9 +291,10 @@ def _run_ep(K, y, *, tol, tol_log_prob, max_iter, damping, adaptive, s2, buf):
         if damping > 0.0:
             new_tau = (1.0 - damping) * new_tau + damping * tau
             new_nu = (1.0 - damping) * new_nu + damping * nu
+        elif accel is not None and site_sq < _ANDERSON_START:
+            new_tau, new_nu = accel.step(tau, nu, new_tau, new_nu, site_sq)
         # a site precision that underflows to 0 would break S^-1/2; floor it far below relevance
-        new_tau = np.maximum(new_tau, 1e-300)
-        tau, nu = new_tau, new_nu
+        tau, nu = np.maximum(new_tau, 1e-300), new_nu
         n_iter += 1
         new_energy, mu, sigma, z, tau_cav = _posterior_and_energy(K, diagK, y, tau, nu, buf, s2)
         if not math.isfinite(new_energy):
@@ -311,6 +358,7 @@ def log_prior_ep(
     max_jitter: float = 1e-4,
     n_threads: int | None = None,
     likelihood: str = "heaviside",
+    anderson: int = 5,
 ) -> EPResult:
     r"""EP approximation of ``ln P(f) = ln P(sign z = y)``, ``z ~ N(0, K)``.
 
@@ -329,15 +377,20 @@ def log_prior_ep(
       ``1 + |site|``, so sites far above 1 (near-duplicate points with opposite labels reach
       ``tau ~ 1e6``, whose rounding noise is ``O(1)``) are judged relatively.
     * ``tol_log_prob`` (off by default): ``|Δ ln P| / (1 - damping) <= tol_log_prob *
-      max(1, |ln P|)``. Cheaper on well-behaved problems (MNIST n = 2000, true labels: 12
-      instead of 30 iterations, value within 2e-7 relative of the fixed point); on strongly
+      max(1, |ln P|)``. Cheaper on well-behaved problems (MNIST n = 10 000, true labels, with
+      Anderson acceleration: 12 instead of 15 updates at 1e-6, value 3e-7 relative from the
+      site-rule value; without acceleration 14 instead of 34); on strongly
       correlated kernels that need damping neither rule is within 1e-6 of the fixed point
       (measured on 52 small cases: worst site rule 7e-4 relative, on the Boolean constant
       function, where GPy's mean-squared rule allows rms site changes of 1e-3; worst
       log-P rule 4.9e-6, at 17 vs 15 iterations on average).
 
     Cost per iteration: one Cholesky and one triangular inverse of an ``n x n`` matrix
-    (``~2/3 n^3`` flops), memory: two ``n x n`` float64 arrays.
+    (``~2/3 n^3`` flops, the least any exact ``diag(Sigma)`` costs), memory: two ``n x n``
+    float64 arrays. Single precision is no way out: near-duplicate MNIST images drive site
+    precisions to ``1e4-1e6`` and ``B`` to condition numbers where float32 EP diverges
+    (measured at n = 4000). Measured at n = 10 000 (MNIST arc-cosine kernel, 2 cores):
+    15 updates, 106 s, 34 Cholesky times (plain parallel EP: 34 updates, 265 s).
 
     Args:
         K: prior covariance ``[n, n]`` (symmetric PSD), array or tensor.
@@ -357,6 +410,10 @@ def log_prior_ep(
         likelihood: ``"heaviside"`` (the paper's ``P(f)``, default) or ``"probit"``
             (``Phi(y z)``, GPy's default Bernoulli link at kernel scale 1, as in the authors'
             code; equals the Heaviside orthant probability of ``K + I``; not scale invariant).
+        anderson: memory of the Anderson acceleration of the site iteration (``0`` = plain
+            parallel EP). It changes the path, not the fixed point; it is off while damping
+            is on. Measured on MNIST arc-cosine kernels: 12 instead of 18 updates at
+            n = 2000.
         n_threads: BLAS threads (via threadpoolctl). Default: 1 for ``n < 2048`` (multi-threaded
             OpenBLAS on small matrices is up to 30x slower on a busy machine), else all cores.
 
@@ -380,6 +437,8 @@ def log_prior_ep(
         raise FlatpriorError(f"damping must be in [0, 1), got {damping!r}")
     check_positive("jitter", jitter, allow_zero=True)
     check_positive("max_jitter", max_jitter, allow_zero=True)
+    if not isinstance(anderson, (int, np.integer)) or anderson < 0:
+        raise FlatpriorError(f"anderson must be an integer >= 0 (0 = off), got {anderson!r}")
     n = K.shape[0]
     diag = np.diagonal(K)
     if (diag <= 0).any():
@@ -420,7 +479,7 @@ def log_prior_ep(
         out = _ep_with_jitter(K, ysign, n, buf, float(jitter), float(max_jitter),
                               tol=float(tol), tol_log_prob=tol_log_prob,
                               max_iter=int(max_iter), damping=float(damping),
-                              adaptive=bool(adaptive_damping),
+                              adaptive=bool(adaptive_damping), anderson=int(anderson),
                               s2=(1.0 / scale) if likelihood == "probit" else 0.0)
     energy, stop, n_iter, dmax, dlog, tau, nu, mu, sigma, history, damp, added = out
     return EPResult(
