@@ -148,7 +148,7 @@ def bench_boolean(n_samples: int, n_workers: int | None) -> None:
     t_normal = time.perf_counter() - t
     t_rng = min(t_randn, t_normal)
     const = prior.table(1).iloc[0]
-    workers = n_workers or os.cpu_count()
+    workers = n_workers or torch.get_num_threads()
     print(f"(c) Boolean sampler, FCN {widths}, {n_samples} networks, {workers} worker threads")
     print(f"    sampler  {n_samples / t_sample:10.0f} networks/s   (goal >= 6e4)")
     print(
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, < 30 s")
     parser.add_argument("--n-ep", type=int, default=None, help="n for (a) (default 10000)")
     parser.add_argument("--workers", type=int, default=None,
-                        help="threads for (c) (default: all cores)")
+                        help="threads for (c) (default: torch's thread count)")
     parser.add_argument(
         "--gpy-sizes",
         type=int,

@@ -425,7 +425,8 @@ def sample_boolean_prior(
         batch_size: networks per vectorised batch. 128 keeps a batch's activations
             (``128 x 40 x 128`` floats, 2.6 MB) near the CPU caches: measured on 2 cores
             171-174 k networks/s vs 162-166 k at 64 and 146-159 k at 256 (FCN 7-40-40-1).
-        n_workers: threads, each with one torch thread (default: ``os.cpu_count()``). The
+        n_workers: threads, each with one torch thread (default: ``torch.get_num_threads()``,
+            i.e. the cores torch would use; 1 inside a sweep worker process). The
             random draws are sequential per generator, so parallel chunks are what uses
             several cores; torch's own intra-op thread count is set to 1 meanwhile and restored.
         progress: optional callback, called with the number of networks of each finished chunk.
@@ -445,8 +446,8 @@ def sample_boolean_prior(
     check_positive("sigma_b", sigma_b, allow_zero=True)
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise FlatpriorError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if n_workers is None:
-        n_workers = os.cpu_count() or 1
+    if n_workers is None:  # follow torch's thread count (1 inside our sweep workers)
+        n_workers = torch.get_num_threads()
     if not isinstance(n_workers, (int, np.integer)) or n_workers < 1:
         raise FlatpriorError(f"n_workers must be an integer >= 1, got {n_workers!r}")
     n_chunks = -(-int(n_samples) // _CHUNK)
