@@ -32,7 +32,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.linalg import lapack
+from scipy.linalg import lapack, solve_triangular
 from scipy.special import erfcx, log_ndtr
 
 from flatprior.errors import FlatpriorError, check_choice, check_positive
@@ -49,6 +49,8 @@ _WEAK_SITE = 1e-7
 # |1 - |r_ij|| below this: the pair is the same Gaussian variable up to rounding (a few ulp of
 # K_ij / sqrt(K_ii K_jj)); r = 1 - 1e-12 is still a genuine (P = arccos(r) / 2 pi) pair.
 _SAME_POINT = 1e-14
+# "auto" warm start from Nystrom EP from this n on (below it exact iterations are cheap)
+_WARM_MIN_N = 2048
 # Anderson acceleration starts once the mean squared relative site change is below this
 _ANDERSON_START = 0.1
 
@@ -250,7 +252,53 @@ class _Anderson:
         return cand[:n], cand[n:]
 
 
-def _run_ep(K, y, *, tol, tol_log_prob, max_iter, damping, adaptive, s2, buf, anderson):
+def _nystrom_sites(K, y, rank, s2, seed=0, max_iter=20, tol=1e-3):
+    """Approximate EP sites from the kernel ``Q Q^T + diag(d)`` (Nystrom on ``rank`` random
+    landmarks, diagonal kept exact), for a warm start of exact EP; ``None`` if it fails.
+
+    With ``R = I + Q^T diag(g) Q = C C^T`` and ``g = tau / (1 + d tau)``, Woodbury gives
+    ``Sigma = diag(d / (1 + d tau)) + G G^T`` with ``G = diag(1 / (1 + d tau)) Q C^{-T}``:
+    ``O(n rank^2)`` per iteration instead of ``O(n^3)``.
+    """
+    n = K.shape[0]
+    idx = np.sort(np.random.default_rng(seed).choice(n, size=rank, replace=False))
+    try:
+        c = np.linalg.cholesky(K[np.ix_(idx, idx)] + 1e-8 * np.eye(rank))
+    except np.linalg.LinAlgError:
+        return None
+    q = np.linalg.solve(c, K[idx, :]).T  # [n, rank], Q Q^T = Nystrom approximation
+    d = np.maximum(np.diagonal(K) - np.einsum("ij,ij->i", q, q), 1e-10)
+    tau, nu = np.zeros(n), np.zeros(n)
+    accel = _Anderson(5)
+    with np.errstate(all="ignore"):
+        for _ in range(max_iter):
+            w = 1.0 / (1.0 + d * tau)
+            r = np.eye(rank) + q.T @ ((tau * w)[:, None] * q)
+            try:
+                cr = np.linalg.cholesky(r)
+            except np.linalg.LinAlgError:
+                return None
+            g = solve_triangular(cr, (w[:, None] * q).T, lower=True).T  # [n, rank]
+            sigma = d * w + np.einsum("ij,ij->i", g, g)
+            mu = d * w * nu + g @ (g.T @ nu)
+            tau_cav = np.maximum(1.0 / sigma - tau, 1e-12)
+            m_cav = (mu / sigma - nu) / tau_cav
+            z = y * m_cav * np.sqrt(tau_cav / (1.0 + s2 * tau_cav))
+            new_tau, new_nu = _site_update(z, y, tau_cav, s2)
+            if not (np.isfinite(new_tau).all() and np.isfinite(new_nu).all()):
+                return None
+            site_sq = max(float(np.mean(((new_tau - tau) / (1.0 + np.abs(tau))) ** 2)),
+                          float(np.mean(((new_nu - nu) / (1.0 + np.abs(nu))) ** 2)))
+            if site_sq < 0.1:
+                new_tau, new_nu = accel.step(tau, nu, new_tau, new_nu, site_sq)
+            tau, nu = np.maximum(new_tau, 1e-300), new_nu
+            if site_sq < tol:
+                break
+    return tau, nu
+
+
+def _run_ep(K, y, *, tol, tol_log_prob, max_iter, damping, adaptive, s2, buf, anderson,
+            warm_rank=0):
     n = K.shape[0]
     diagK = np.diagonal(K).copy()
     tau = np.zeros(n)
@@ -261,6 +309,14 @@ def _run_ep(K, y, *, tol, tol_log_prob, max_iter, damping, adaptive, s2, buf, an
     tau_cav = 1.0 / diagK
     z = np.zeros(n)
     energy = n * math.log(0.5)
+    warm = _nystrom_sites(K, y, warm_rank, s2) if warm_rank > 0 else None
+    if warm is not None:
+        try:  # one exact evaluation at the approximate sites; the iteration goes on from there
+            energy, mu, sigma, z, tau_cav = _posterior_and_energy(K, diagK, y, *warm, buf, s2)
+            tau, nu = warm
+        except (_NotPD, FlatpriorError):  # start cold instead
+            mu, sigma, tau_cav, z = np.zeros(n), diagK.copy(), 1.0 / diagK, np.zeros(n)
+            energy = n * math.log(0.5)
     history = [energy]
     n_iter = 0
     dmax = math.inf
@@ -359,6 +415,8 @@ def log_prior_ep(
     n_threads: int | None = None,
     likelihood: str = "heaviside",
     anderson: int = 5,
+    warm_start: str = "auto",
+    warm_rank: int | None = None,
 ) -> EPResult:
     r"""EP approximation of ``ln P(f) = ln P(sign z = y)``, ``z ~ N(0, K)``.
 
@@ -390,7 +448,8 @@ def log_prior_ep(
     float64 arrays. Single precision is no way out: near-duplicate MNIST images drive site
     precisions to ``1e4-1e6`` and ``B`` to condition numbers where float32 EP diverges
     (measured at n = 4000). Measured at n = 10 000 (MNIST arc-cosine kernel, 2 cores):
-    15 updates, 106 s, 34 Cholesky times (plain parallel EP: 34 updates, 265 s).
+    Nystrom warm start (rank 1000) + Anderson: 10 updates, 72 s, 24 Cholesky times; Anderson
+    alone: 15 updates, 106 s, 36; plain parallel EP: 34 updates, 265 s, 86.
 
     Args:
         K: prior covariance ``[n, n]`` (symmetric PSD), array or tensor.
@@ -414,6 +473,14 @@ def log_prior_ep(
             parallel EP). It changes the path, not the fixed point; it is off while damping
             is on. Measured on MNIST arc-cosine kernels: 12 instead of 18 updates at
             n = 2000.
+        warm_start: ``"nystrom"``: start exact EP from the sites of EP on a Nystrom
+            approximation of ``K`` (``warm_rank`` random landmarks, diagonal kept exact;
+            ``O(n warm_rank^2)`` per iteration), which skips most of the transient that
+            parallel EP goes through from zero sites; costs one extra exact evaluation.
+            ``"none"``: start from zero sites. ``"auto"`` (default): Nystrom for
+            ``n >= 2048``, where the exact iterations dominate. Like ``anderson`` it changes
+            the path, not the fixed point (tests compare both starts to 1e-10).
+        warm_rank: landmarks of the warm start (default ``min(1000, n // 4)``).
         n_threads: BLAS threads (via threadpoolctl). Default: 1 for ``n < 2048`` (multi-threaded
             OpenBLAS on small matrices is up to 30x slower on a busy machine), else all cores.
 
@@ -437,6 +504,9 @@ def log_prior_ep(
         raise FlatpriorError(f"damping must be in [0, 1), got {damping!r}")
     check_positive("jitter", jitter, allow_zero=True)
     check_positive("max_jitter", max_jitter, allow_zero=True)
+    check_choice("EP warm_start", warm_start, ["auto", "nystrom", "none"])
+    if warm_rank is not None and (not isinstance(warm_rank, (int, np.integer)) or warm_rank < 1):
+        raise FlatpriorError(f"warm_rank must be an integer >= 1, got {warm_rank!r}")
     if not isinstance(anderson, (int, np.integer)) or anderson < 0:
         raise FlatpriorError(f"anderson must be an integer >= 0 (0 = off), got {anderson!r}")
     n = K.shape[0]
@@ -473,6 +543,9 @@ def log_prior_ep(
                     f"{corr[bi, j]:.15g}) have {kind[1]} labels; fix the labels or drop one"
                 )
     buf = np.empty((n, n), dtype=np.float64, order="F")
+    rank = 0
+    if warm_start == "nystrom" or (warm_start == "auto" and n >= _WARM_MIN_N):
+        rank = min(int(warm_rank) if warm_rank is not None else min(1000, n // 4), n - 1)
     if n_threads is None:
         n_threads = 1 if n < 2048 else None
     with _blas_threads(n_threads):
@@ -480,6 +553,7 @@ def log_prior_ep(
                               tol=float(tol), tol_log_prob=tol_log_prob,
                               max_iter=int(max_iter), damping=float(damping),
                               adaptive=bool(adaptive_damping), anderson=int(anderson),
+                              warm_rank=rank,
                               s2=(1.0 / scale) if likelihood == "probit" else 0.0)
     energy, stop, n_iter, dmax, dlog, tau, nu, mu, sigma, history, damp, added = out
     return EPResult(
