@@ -73,7 +73,8 @@ class EPResult:
         damping: damping in use at the end (raised automatically when EP oscillated).
         site_tau, site_nu: site natural parameters, in the units of the input ``K``.
         post_mean, post_var: marginal means and variances of the EP posterior ``q(z)``.
-        history: ``log_prob`` after each iteration (first entry: sites all zero).
+        history: ``log_prob`` after each iteration (first entry: the starting sites, all zero
+            or the Nystrom warm start).
     """
 
     log_prob: float
@@ -217,8 +218,9 @@ class _Anderson:
 
     Parallel EP converges linearly (each update shrinks the error by a roughly constant factor,
     measured 0.6-0.7 on MNIST kernels); extrapolating from the last ``memory`` updates cuts the
-    number of factorisations. Safeguards: only once the site changes are small (the early
-    transient is not near-linear), never with damping, a candidate with a non-positive or
+    number of factorisations. Safeguards: the caller starts it only once the site changes are
+    small (the early transient from zero sites is not near-linear; after a warm start at once)
+    and never with damping; a candidate with a non-positive or
     non-finite precision falls back to the plain update, and the memory is cleared when the
     residual grows 10-fold. The fixed point, hence the result, is the one of plain EP.
     """
