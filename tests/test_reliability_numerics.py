@@ -361,7 +361,7 @@ def test_flatness_huge_finite_weights_give_finite_value_or_error(name):
 @pytest.mark.slow
 @pytest.mark.timeout(7200)
 def test_ep_random_labels_n20000_matches_exact():
-    """n = 20 000 random labels, log P ~ -1.4e4 (needs ~10 GB RAM and tens of minutes)."""
+    """n = 20 000 random labels, log P ~ -1.4e4 (needs ~10 GB RAM; 2 min on 2 idle cores)."""
     n, rho = 20_000, 0.5
     y = np.random.default_rng(4).integers(0, 2, n)
     k = int(y.sum())
