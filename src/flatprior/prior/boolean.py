@@ -344,17 +344,12 @@ class _BatchForward:
             out = torch.baddbmm(bias, w, out, beta=bs, alpha=ws, out=buf)
         return torch.gt(out.view(b, self.n_points), 0, out=bits)
 
-    def bits(self, z: torch.Tensor, b: int) -> torch.Tensor:
-        """Output signs ``bool [b, 2^n_in]`` of the networks whose standard normal parameters
-        are ``z [b * per_net]``: layer 1 as ``[b * h, n_hi + 1]`` (high-bit weights and bias)
-        then ``[b * h, n_lo]``; each further layer its weights ``[b, fan_out, fan_in]`` then its
-        biases ``[b, fan_out]``. The result is a buffer reused by the next call."""
-        plan = self._plan(b)
-        plan[0].copy_(z)
-        return self._forward(plan, b)
-
     def draw(self, gen: torch.Generator, b: int) -> torch.Tensor:
-        """Output signs of ``b`` new networks drawn from ``gen`` (as :meth:`bits`)."""
+        """Output signs ``bool [b, 2^n_in]`` of ``b`` new networks whose standard normal
+        parameters ``z [b * per_net]`` are ``normal_`` draws from ``gen``, laid out as: layer 1
+        ``[b * h, n_hi + 1]`` (high-bit weights and bias) then ``[b * h, n_lo]``; each further
+        layer its weights ``[b, fan_out, fan_in]`` then its biases ``[b, fan_out]``. The result
+        is a buffer reused by the next call."""
         plan = self._plan(b)
         plan[0].normal_(generator=gen)
         return self._forward(plan, b)

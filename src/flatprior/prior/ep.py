@@ -255,6 +255,16 @@ class _Anderson:
         return cand[:n], cand[n:]
 
 
+def _site_change(tau, nu, new_tau, new_nu) -> float:
+    """Mean squared site change, the larger of precisions and natural means.
+
+    GPy's rule, made relative for large sites (``|site| >> 1``), whose last digits jitter with
+    the conditioning of ``B`` and would never meet an absolute rule.
+    """
+    return max(float(np.mean(((new_tau - tau) / (1.0 + np.abs(tau))) ** 2)),
+               float(np.mean(((new_nu - nu) / (1.0 + np.abs(nu))) ** 2)))
+
+
 def _nystrom_sites(K, y, rank, s2, seed=0, max_iter=20, tol=1e-3):
     """Approximate EP sites from the kernel ``Q Q^T + diag(d)`` (Nystrom on ``rank`` random
     landmarks, diagonal kept exact), for a warm start of exact EP; ``None`` if it fails.
@@ -290,9 +300,8 @@ def _nystrom_sites(K, y, rank, s2, seed=0, max_iter=20, tol=1e-3):
             new_tau, new_nu = _site_update(z, y, tau_cav, s2)
             if not (np.isfinite(new_tau).all() and np.isfinite(new_nu).all()):
                 return None
-            site_sq = max(float(np.mean(((new_tau - tau) / (1.0 + np.abs(tau))) ** 2)),
-                          float(np.mean(((new_nu - nu) / (1.0 + np.abs(nu))) ** 2)))
-            if site_sq < 0.1:
+            site_sq = _site_change(tau, nu, new_tau, new_nu)
+            if site_sq < _ANDERSON_START:
                 new_tau, new_nu = accel.step(tau, nu, new_tau, new_nu, site_sq)
             tau, nu = np.maximum(new_tau, 1e-300), new_nu
             if site_sq < tol:
@@ -315,11 +324,12 @@ def _run_ep(K, y, *, tol, tol_log_prob, max_iter, damping, adaptive, s2, buf, an
     warm = _nystrom_sites(K, y, warm_rank, s2) if warm_rank > 0 else None
     if warm is not None:
         try:  # one exact evaluation at the approximate sites; the iteration goes on from there
-            energy, mu, sigma, z, tau_cav = _posterior_and_energy(K, diagK, y, *warm, buf, s2)
+            state = _posterior_and_energy(K, diagK, y, *warm, buf, s2)
+        except (_NotPD, FlatpriorError):  # start cold instead (Anderson then waits as usual)
+            warm = None
+        else:
+            energy, mu, sigma, z, tau_cav = state
             tau, nu = warm
-        except (_NotPD, FlatpriorError):  # start cold instead
-            mu, sigma, tau_cav, z = np.zeros(n), diagK.copy(), 1.0 / diagK, np.zeros(n)
-            energy = n * math.log(0.5)
     history = [energy]
     n_iter = 0
     dmax = math.inf
@@ -331,10 +341,7 @@ def _run_ep(K, y, *, tol, tol_log_prob, max_iter, damping, adaptive, s2, buf, an
         if not (np.isfinite(new_tau).all() and np.isfinite(new_nu).all()):
             raise FlatpriorError("EP site update produced NaN/inf; the kernel is ill-posed")
         # convergence is judged on the undamped update (damping only slows the steps)
-        # GPy's rule (mean squared change), made relative for large sites (|site| >> 1), whose
-        # last digits jitter with the conditioning of B and would never meet an absolute rule
-        site_sq = max(float(np.mean(((new_tau - tau) / (1.0 + np.abs(tau))) ** 2)),
-                      float(np.mean(((new_nu - nu) / (1.0 + np.abs(nu))) ** 2)))
+        site_sq = _site_change(tau, nu, new_tau, new_nu)
         dmax = max(float(np.abs(new_tau - tau).max()), float(np.abs(new_nu - nu).max()))
         if site_sq < tol and n_iter > 0:
             stop = "sites"
