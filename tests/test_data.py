@@ -128,7 +128,7 @@ def test_cifar_binary_car_vs_cat(tmp_path):
 
     x, y = load_cifar10_binary(tmp_path)["train"]
     assert np.allclose(x[0], first_car) and y[0] == 0 and y[1] == 1
-    with pytest.raises(FlatpriorError, match="only 21 examples"):
+    with pytest.raises(FlatpriorError, match="largest possible n_attack is 4"):
         make_task("cifar10", 17, 5, 1, data_root=tmp_path)
     (d / "test_batch.bin").write_bytes(raw[:-7])
     with pytest.raises(FlatpriorError, match="whole number"):
@@ -156,7 +156,8 @@ def test_boolean_inputs_and_targets():
         (("imagenet", 10, 0, 10), "unknown dataset 'imagenet'.*digits"),
         (("digits", -1, 0, 10), "n_train must be >= 0"),
         (("digits", 10, -5, 10), "n_attack must be >= 0"),
-        (("digits", 1000, 500, 500), "only 1797 examples"),
+        (("digits", 1000, 500, 500), "largest possible n_attack is 297"),
+        (("digits", 1500, 0, 500), "only 1797 examples"),
         (("digits", 0, 0, 10), "n_train must be >= 1"),
         (("digits", 2.5, 0, 10), "whole number"),
     ],

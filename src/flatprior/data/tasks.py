@@ -75,8 +75,17 @@ def split_pool(
 ) -> Task:
     """Draw disjoint S, A, E from a labelled pool (seeded); flip the labels of A.
 
-    If ``x_test_pool`` is given, E is drawn from it and S, A from ``x`` (e.g. MNIST's official
-    train/test split); otherwise all three come from ``x``. ``n_test=None`` takes all that is left.
+    The study adds the attack set to a fixed experiment: for one ``seed``, S and E are the same
+    for every ``n_attack`` and the attack sets nest (A for |A| = 50 is the first 50 of A for
+    |A| = 100). One permutation of the pool is drawn from ``seed`` and cut in order::
+
+        one pool:            [ S (n_train) | E (n_test) | attack pool: A = its first n_attack ]
+        separate test pool:  [ S (n_train) | attack pool ... ]   and E from a permutation of
+                             the test pool (e.g. MNIST's official train/test split)
+
+    ``n_test=None`` takes every test example of a separate test pool; with one pool it takes all
+    that is left after S and A, so E then depends on ``n_attack`` (the task's ``notes`` say so):
+    give ``n_test`` to keep E fixed.
     """
     n_train = _check_size("n_train", n_train)
     n_attack = _check_size("n_attack", n_attack)
@@ -88,12 +97,19 @@ def split_pool(
     rng = np.random.default_rng(seed)
     n_pool = len(x)
     sep_test = x_test_pool is not None
-    need = n_train + n_attack + (0 if sep_test else (n_test or 0))
-    if need > n_pool:
-        what = "n_train + n_attack" if sep_test else "n_train + n_attack + n_test"
+    fixed_test = 0 if sep_test or n_test is None else n_test
+    if n_train + fixed_test > n_pool:
+        what = "n_train" if sep_test or n_test is None else "n_train + n_test"
         raise FlatpriorError(
-            f"{dataset}: {what} = {need} but only {n_pool} examples are available; "
-            "ask for fewer examples"
+            f"{dataset}: {what} = {n_train + fixed_test} but only {n_pool} examples are "
+            "available; ask for fewer examples"
+        )
+    attack_pool = n_pool - n_train - fixed_test
+    if n_attack > attack_pool:
+        raise FlatpriorError(
+            f"{dataset}: n_attack = {n_attack} but the attack pool left after S"
+            + ("" if sep_test or n_test is None else " and E")
+            + f" holds {attack_pool} examples; the largest possible n_attack is {attack_pool}"
         )
     if sep_test:
         assert y_test_pool is not None
@@ -104,15 +120,25 @@ def split_pool(
             )
     perm = rng.permutation(n_pool)
     idx_train = np.sort(perm[:n_train])
-    idx_attack = np.sort(perm[n_train : n_train + n_attack])
+    notes = []
     if sep_test:
+        idx_attack = np.sort(perm[n_train : n_train + n_attack])
         tperm = rng.permutation(len(x_test_pool))
         idx_test = np.sort(tperm[: (n_test if n_test is not None else len(x_test_pool))])
         xt, yt = x_test_pool[idx_test], y_test_pool[idx_test]
-    else:
-        rest = perm[n_train + n_attack :]
-        idx_test = np.sort(rest[: (n_test if n_test is not None else len(rest))])
+    elif n_test is not None:
+        idx_test = np.sort(perm[n_train : n_train + n_test])
+        idx_attack = np.sort(perm[n_train + n_test : n_train + n_test + n_attack])
         xt, yt = x[idx_test], y[idx_test]
+    else:
+        idx_attack = np.sort(perm[n_train : n_train + n_attack])
+        idx_test = np.sort(perm[n_train + n_attack :])
+        xt, yt = x[idx_test], y[idx_test]
+        if n_attack:
+            notes.append(
+                "n_test = None with one pool: E is all that is left after S and A, so it changes "
+                "with n_attack; give n_test to keep E fixed across attack sizes"
+            )
 
     def t(a):
         return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32)
@@ -129,6 +155,7 @@ def split_pool(
         idx_train=idx_train,
         idx_attack=idx_attack,
         idx_test=idx_test,
+        notes=notes,
     )
     for name in ("x_train", "x_attack", "x_test"):
         check_finite_tensor(f"{dataset} inputs ({name})", getattr(task, name))
