@@ -221,21 +221,24 @@ def list_cmd(
         for v in list(s.variants) or [None]:
             for p in PRESETS:
                 r = resolve(s, p, v, build=False)
-                out.print(f"\n[bold]{r.label}[/] ({r.n_runs} runs)"
-                          + (f"  needs: {r.needs}" if r.needs else ""))
+                out.print(f"\n[bold]{r.label}[/] ({r.n_runs} runs; sharpness: "
+                          f"{r.sharpness_settings()})" + (f"  needs: {r.needs}" if r.needs else ""))
                 out.print(json.dumps({"base": r.base, "sweep": r.sweep}, default=str))
         return
     t = Table(title="flatprior experiment specs  (flatprior run NAME [VARIANT] --preset P)")
-    for col in ("name", "variants", "reproduces", "quick runs", "paper runs", "needs"):
+    for col in ("name", "variants", "reproduces", "quick runs", "paper runs",
+                "sharpness quick / paper", "needs"):
         t.add_column(col, justify="right" if "runs" in col else "left", overflow="fold",
                      no_wrap=col in ("name", "variants"))
     for name, s in list_specs().items():
         for v in list(s.variants) or [None]:
-            n = {p: resolve(s, p, v, build=False).n_runs for p in PRESETS}
+            r = {p: resolve(s, p, v, build=False) for p in PRESETS}
             needs = (s.variants[v].needs if v else None) or s.needs or ""
             first = v in (None, next(iter(s.variants), None))
             t.add_row(name if first else "", v or "", s.reproduces if first else "",
-                      str(n["quick"]), str(n["paper"]), needs)
+                      str(r["quick"].n_runs), str(r["paper"].n_runs),
+                      " / ".join(r[p].sharpness_settings(with_eps=False) for p in PRESETS),
+                      needs)
     out.print(t)
 
 

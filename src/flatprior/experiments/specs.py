@@ -168,6 +168,30 @@ class Resolved:
         v = f"/{self.variant}" if self.variant else ""
         return f"{self.spec.name}{v}@{self.preset}"
 
+    def sharpness_settings(self, with_eps: bool = True) -> str:
+        """How this preset measures sharpness, e.g. ``eps 0.0001, ascent 100 ep + L-BFGS-B``."""
+        from flatprior.pipeline import RunConfig
+
+        def get(name):
+            if name in self.base:
+                return self.base[name]
+            if name in self.sweep:
+                return self.sweep[name][0]
+            return RunConfig.model_fields[name].default
+
+        measures = set(get("measures")) | (set(get("epoch_measures")) if get("measure_every")
+                                           else set())
+        parts = []
+        if "sharpness" in measures:
+            parts.append(f"ascent {get('sharpness_epochs')} ep" if get("sharpness_method") == "sgd"
+                         else "L-BFGS-B")
+        if "sharpness_lbfgsb" in measures:
+            parts.append("L-BFGS-B")
+        if not parts:
+            return "-"
+        text = " + ".join(dict.fromkeys(parts))
+        return f"eps {get('sharpness_eps'):g}, {text}" if with_eps else text
+
     def info(self) -> dict[str, Any]:
         """JSON-able description stored alongside the runs (for the report)."""
         return {
