@@ -278,6 +278,47 @@ def report_cmd(
     err.print(f"report written to {path}")
 
 
+VERDICT_STYLE = {"holds": "green", "does not hold": "red", "not enough runs": "yellow",
+                 "precondition failed": "magenta"}
+
+
+@app.command("claims")
+def claims_cmd(
+    db: Annotated[Path, typer.Argument(help="results database written by `flatprior run`")],
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per claim")] = False,
+    n_boot: Annotated[int, typer.Option(help="bootstrap resamples for the 95 % CIs")] = 1000,
+) -> None:
+    """A verdict for each of the study's claims from the runs in DB (reads only)."""
+    from flatprior.analysis.claims import claims_json, evaluate_claims
+    from flatprior.experiments.store import Store
+
+    if n_boot < 1:
+        raise FlatpriorError(f"--n-boot must be >= 1, got {n_boot}")
+    with Store(db, readonly=True) as store:
+        claims = evaluate_claims(store, n_boot=n_boot)
+    if as_json:
+        typer.echo(claims_json(claims))
+        return
+    _print_claims(claims, f"The study's claims, measured on {db}")
+
+
+def _print_claims(claims, title: str) -> None:
+    t = Table(title=title, show_lines=True)
+    for col in ("claim", "statistic", "value [95 % CI]", "n", "rule", "verdict"):
+        t.add_column(col, overflow="fold", justify="right" if col == "n" else "left")
+    for c in claims:
+        val = "-" if c.value != c.value else f"{c.value:+.3g}"
+        if c.ci_low == c.ci_low:
+            val += f" [{c.ci_low:+.3g}, {c.ci_high:+.3g}]"
+            if c.extra.get("interval"):
+                val += f" ({c.extra['interval']})"
+        style = VERDICT_STYLE.get(c.verdict, "")
+        verdict = f"[{style}]{c.verdict}[/]" + (f"\n{escape(c.detail)}" if c.detail else "")
+        t.add_row(f"({escape(c.id)}) {escape(c.claim)}", escape(c.statistic), val, str(c.n),
+                  escape(c.rule), verdict)
+    out.print(t)
+
+
 @app.command()
 def demo(
     out_dir: Annotated[

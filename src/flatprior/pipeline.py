@@ -295,8 +295,16 @@ def prior_measures(model, task, cfg: RunConfig, *, log_prior=True, pac_bayes=Tru
     return out
 
 
-def _alpha_callback(cfg: RunConfig) -> Callable:
+def _alpha_callback(cfg: RunConfig, task) -> Callable:
+    """Callback applying the Dinh alpha-scaling in place at epoch ``alpha_epoch``.
+
+    When per-epoch measures are on (``measure_every > 0``), the epoch measures are also taken on
+    the weights just *before* the scaling (``m["before_alpha"]``), so the event's effect is read
+    on identical functions rather than across an epoch of training; ``m["alpha_same_function"]``
+    says whether the predictions on S ∪ E are identical before and after (they must be).
+    """
     from flatprior.models import alpha_scale
+    from flatprior.train import predict
 
     state = {"zero": None, "done": False}
 
@@ -308,11 +316,17 @@ def _alpha_callback(cfg: RunConfig) -> Callable:
         base = state["zero"] if cfg.alpha_after_zero_error else 0
         if base is None or m["epoch"] != base + cfg.alpha_epoch:
             return None
+        model.eval()
+        x = torch.cat([task.x_train, task.x_test])
+        before = predict(model, x)
+        if cfg.measure_every:
+            m["before_alpha"] = compute_measures(model, task, cfg, cfg.epoch_measures)
         scaled = alpha_scale(model, cfg.alpha_layer, cfg.alpha)
         with torch.no_grad():
             for p, q in zip(model.parameters(), scaled.parameters(), strict=True):
                 p.copy_(q)
         m["alpha_scaled"] = True
+        m["alpha_same_function"] = bool(torch.equal(before, predict(model, x)))
         state["done"] = True
         return None
 
@@ -358,7 +372,7 @@ def run(
     )
     callbacks: list[Callable] = []
     if cfg.alpha_epoch is not None:
-        callbacks.append(_alpha_callback(cfg))
+        callbacks.append(_alpha_callback(cfg, task))
     if cfg.measure_every:
 
         first_fit = {"seen": False}

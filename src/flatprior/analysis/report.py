@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 
+from flatprior.analysis.claims import evaluate_claims
 from flatprior.analysis.correlations import (
     boolean_table,
     correlation_table,
@@ -218,9 +219,26 @@ def _py(v):
     return v
 
 
+def _claims_html(claims: list | str | None) -> str:
+    """The verdict table of :mod:`flatprior.analysis.claims` (or why there is none)."""
+    head = ("<h2 id='claims'>The study's claims</h2><p>Each claim of the study with its "
+            "statistic, 95 % interval, the rule fixed in advance and the verdict "
+            "(<code>flatprior claims DB</code> prints the same).</p>")
+    if claims is None:
+        return ""
+    if isinstance(claims, str):
+        return head + f"<p class='muted'>{html.escape(claims)}</p>"
+    from flatprior.analysis.claims import claims_frame
+
+    t = claims_frame(claims)[["id", "claim", "statistic", "value", "ci_low", "ci_high", "n",
+                             "rule", "verdict", "detail"]]
+    return head + f"<div class='scroll'>{_table_html(t)}</div>"
+
+
 def render_html(sections: list[SpecSection], *, title: str, source: str,
-                versions: list[dict[str, Any]]) -> str:
-    """The report page as one HTML string (no external resources)."""
+                versions: list[dict[str, Any]], claims: list | str | None = None) -> str:
+    """The report page as one HTML string (no external resources); ``claims``: the verdicts
+    (first section), or a sentence saying why there are none."""
     now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
@@ -232,8 +250,11 @@ def render_html(sections: list[SpecSection], *, title: str, source: str,
         "generalization error (test error), with 95 % percentile-bootstrap intervals, over the "
         "runs that reached zero training error. Pearson r uses log10 of the flatness measures. "
         "log P(f) is the natural log of the NNGP prior probability of the function on S ∪ E.</p>",
+        _claims_html(claims),
         "<ul>",
     ]
+    if claims is not None:
+        parts.append("<li><a href='#claims'>The study's claims: verdicts</a></li>")
     for s in sections:
         parts.append(f"<li><a href='#{_anchor(s.label)}'>{html.escape(s.label)}</a> — "
                      f"{html.escape(s.info.get('title', ''))} ({len(s.frame)} runs)</li>")
@@ -310,7 +331,11 @@ def write_report(
             for lab in labels
         ]
         versions = [r.get("versions", {}) for r in store.records()]
-    page = render_html(sections, title=title, source=str(db), versions=versions)
+        try:
+            claims = evaluate_claims(store, n_boot=max(n_boot, 1), seed=seed)
+        except FlatpriorError as exc:  # e.g. no run reached zero error: say so on the page
+            claims = f"no verdicts: {exc}"
+    page = render_html(sections, title=title, source=str(db), versions=versions, claims=claims)
     try:
         out.write_text(page, encoding="utf-8")
     except OSError as exc:
