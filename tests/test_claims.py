@@ -22,7 +22,8 @@ def _attack_rows(optimizer, n_attacks=(0, 100, 200, 300, 400), seeds=(0, 1, 2), 
         for s in seeds:
             err = 0.05 + a / 1000 + 0.01 * RNG.random()
             rows.append({
-                "key": f"{dataset}-{optimizer}-{a}-{s}", "status": "zero_error", "optimizer": optimizer,
+                "key": f"{dataset}-{optimizer}-{a}-{s}", "status": "zero_error",
+                "optimizer": optimizer,
                 "dataset": dataset, "model": "fcn", "n_train": 500, "n_test": 1000,
                 "n_attack": a, "seed": s, "overtrain_epochs": 0, "analysis": "attack",
                 "test_error": err,
