@@ -29,13 +29,14 @@ from flatprior.errors import FlatpriorError
 MEASURE_COLUMNS = (
     "log_prior",
     "sharpness",
+    "sharpness_lbfgsb",
     "spectral_norm",
     "logprod_topk",
     "trace",
     "relative_flatness",
     "pac_bayes_bound",
 )
-LOG_SCALE = ("sharpness", "spectral_norm", "trace", "relative_flatness")
+LOG_SCALE = ("sharpness", "sharpness_lbfgsb", "spectral_norm", "trace", "relative_flatness")
 METHODS = ("kendall", "spearman", "pearson")
 #: run fields that split the correlations when they take more than one value
 SPLIT_FIELDS = ("dataset", "model", "optimizer", "n_train", "overtrain_epochs", "lr")

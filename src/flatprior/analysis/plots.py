@@ -26,6 +26,7 @@ LABELS = {
     "log_prior": "log P(f)",
     "log_p_sampled": "log P(f) (sampled)",
     "sharpness": "sharpness",
+    "sharpness_lbfgsb": "sharpness (L-BFGS-B)",
     "spectral_norm": "Hessian spectral norm",
     "trace": "Hessian trace",
     "relative_flatness": "relative flatness",
@@ -141,6 +142,12 @@ def epochs_figure(record: dict[str, Any], *, title: str | None = None) -> Figure
         else:
             h = hist[["epoch", col]].dropna()
             ax.plot(h["epoch"], h[col], marker="o" if col in extra else None, ms=3)
+            if "before_alpha" in hist:  # the same weights just before the scaling
+                pre = [(e, b[col]) for e, b in zip(hist["epoch"], hist["before_alpha"],
+                                                   strict=True)
+                       if isinstance(b, dict) and b.get(col) is not None]
+                if pre:
+                    ax.plot(*zip(*pre, strict=True), "kx", ms=6, label="just before α")
             ax.set_ylabel(label(col))
             if col in LOG_SCALE and len(h) and (h[col] > 0).all():
                 ax.set_yscale("log")
