@@ -15,7 +15,10 @@ def test_list_shows_every_spec_and_what_it_needs(cli):
                  "figS19", "mnist-fcn", "cifar-fcn", "cifar-resnet", "CIFAR-10"):
         assert name in p.stdout
     p = cli("list", "fig3")
-    assert p.returncode == 0 and "fig3/cifar-resnet@paper (55 runs)" in p.stdout
+    text = " ".join(p.stdout.split())
+    assert p.returncode == 0
+    assert ("fig3/cifar-resnet@paper (55 runs; sharpness: eps 0.0001, ascent 100 ep + L-BFGS-B)"
+            in text)
 
 
 def test_run_real_tiny_sweep_then_resume(cli, tmp_path):

@@ -75,7 +75,7 @@ def test_run_fn_import_and_preflight():
         import_run_fn("nocolon")
     with pytest.raises(FlatpriorError, match="cannot import"):
         import_run_fn("_fake_runs:nope")
-    with pytest.raises(FlatpriorError, match="only 1797"):
+    with pytest.raises(FlatpriorError, match="largest possible n_attack is 597"):
         preflight(resolve("fig3", "quick", "mnist-fcn", {"n_attack": [0, 1500]}).configs)
     with pytest.raises(FlatpriorError, match="model='fcn'"):
         preflight(resolve("fig3", "quick", "mnist-fcn", {"model": "cnn"}).configs)

@@ -36,7 +36,24 @@ def test_fig3_paper_is_the_study_sweep():
     c = r.configs[0]
     assert (c.dataset, c.n_train, c.n_test, c.optimizer, c.hidden) == (
         "mnist", 500, 1000, "sgd", (40, 40))
-    assert set(c.measures) == {"sharpness", "log_prior"}
+    assert set(c.measures) == {"sharpness", "sharpness_lbfgsb", "log_prior"}
+
+
+def test_every_paper_preset_measures_sharpness_as_the_study_did():
+    """eps 1e-4, SGD ascent, 100 epochs (lr 1e-3, batch 128 are the measure's defaults), with
+    L-BFGS-B stored beside it; per-epoch specs measure a converged maximiser per epoch."""
+    from flatprior.experiments.specs import list_specs
+
+    for name, s in list_specs().items():
+        for v in list(s.variants) or [None]:
+            r = resolve(s, "paper", v)
+            for c in r.configs[:3]:
+                assert c.sharpness_eps == 1e-4 and c.sharpness_method == "sgd", name
+                assert c.sharpness_epochs == 100, name
+                assert {"sharpness", "sharpness_lbfgsb"} <= set(c.measures), name
+                if c.measure_every:
+                    assert "sharpness_lbfgsb" in c.epoch_measures, name
+            assert "ascent 100 ep + L-BFGS-B" in r.sharpness_settings(), name
 
 
 def test_quick_presets_that_need_no_files_use_embedded_data():

@@ -5,7 +5,14 @@ import torch
 
 from flatprior.errors import FlatpriorError
 from flatprior.models import alpha_scale
-from flatprior.pipeline import _alpha_callback, build_model, build_task, make_config, run
+from flatprior.pipeline import (
+    _alpha_callback,
+    build_model,
+    build_task,
+    compute_measures,
+    make_config,
+    run,
+)
 
 
 def test_record_is_json_and_complete():
@@ -47,15 +54,31 @@ def test_alpha_event_keeps_function_and_scales_weights():
     model = build_model(cfg, task.input_shape)
     before = model(task.x_test).detach().clone()
     w0 = model[1].weight.detach().clone()
-    cb = _alpha_callback(cfg)
+    cb = _alpha_callback(cfg, task)
     m1 = {"epoch": 1, "phase": "train"}
     cb(model, m1)
     assert "alpha_scaled" not in m1
     m2 = {"epoch": 2, "phase": "train"}
     cb(model, m2)
-    assert m2["alpha_scaled"] is True
+    assert m2["alpha_scaled"] is True and m2["alpha_same_function"] is True
+    assert "before_alpha" not in m2  # measure_every = 0: no per-epoch measures
     assert torch.allclose(model[1].weight, 4.0 * w0)
     assert torch.allclose(model(task.x_test), before, atol=1e-4, rtol=1e-4)
+
+
+def test_alpha_event_measures_the_same_weights_before_the_scaling():
+    cfg = make_config(dataset="digits", n_train=50, n_test=50, alpha_epoch=1, alpha=0.2,
+                      alpha_after_zero_error=False, measure_every=5,
+                      epoch_measures=("sharpness_lbfgsb", "log_prior"))
+    task = build_task(cfg)
+    model = build_model(cfg, task.input_shape)
+    m = {"epoch": 1, "phase": "train"}
+    _alpha_callback(cfg, task)(model, m)
+    after = compute_measures(model.eval(), task, cfg, cfg.epoch_measures)
+    before = m["before_alpha"]
+    assert before["log_prior"] == after["log_prior"]  # same function, same labels, same EP
+    # alpha = 0.2 on layer 0 moves Keskar sharpness (L-BFGS-B) by far more than rounding
+    assert after["sharpness_lbfgsb"] / before["sharpness_lbfgsb"] > 2
 
 
 def test_log_prior_invariant_under_alpha_scaling():
