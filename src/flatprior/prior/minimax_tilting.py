@@ -47,9 +47,7 @@ from scipy.linalg.blas import dsyrk
 from scipy.special import log_ndtr, logsumexp, ndtri_exp
 
 from flatprior.errors import FlatpriorError
-
-_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
-
+from flatprior.prior._mills import mills_terms
 
 # ---------------------------------------------------------------------------------------------
 # one-dimensional pieces
@@ -59,22 +57,12 @@ _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 def _hazard(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Normal hazard ``h(c) = φ(c)/Φ(−c)`` (mean of N(0,1) truncated to [c, ∞)) and ``h'(c)``.
 
-    ``h'(c) = h (h − c) ∈ (0, 1)``. For ``c > 40`` ``h − c`` cancels catastrophically, so the
-    asymptotic series ``h − c = c⁻¹ (1 − 2c⁻² + 10c⁻⁴ − 74c⁻⁶ + 706c⁻⁸)`` (from the Mills-ratio
-    expansion) is used; its truncation error there is < 1e-12 relative.
+    ``h(c) = r(−c)``, the inverse Mills ratio at ``−c``, and ``h'(c) = h (h − c) ∈ (0, 1)`` with
+    ``h − c = z + r(z)`` at ``z = −c``; both from :func:`flatprior.prior._mills.mills_terms`
+    (its asymptotic series replace ``h − c`` for ``c > 40``, where it cancels).
     """
-    c = np.asarray(c, dtype=np.float64)
-    h = np.exp(-0.5 * c * c - _LOG_SQRT_2PI - log_ndtr(-c))
-    hmc = h - c
-    big = c > 40.0
-    if np.any(big):
-        cb = c[big]
-        t = 1.0 / (cb * cb)
-        tail = (1.0 + t * (-2.0 + t * (10.0 + t * (-74.0 + t * 706.0)))) / cb
-        hmc = np.where(big, 0.0, hmc)
-        hmc[big] = tail
-        h = np.where(big, c + hmc, h)
-    return h, h * hmc
+    t = mills_terms(-np.asarray(c, dtype=np.float64))
+    return t.r, t.r * t.z_plus_r
 
 
 def _solve_mu(x: np.ndarray, a: np.ndarray, *, tol: float = 1e-13, max_iter: int = 200):
