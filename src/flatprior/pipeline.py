@@ -256,10 +256,11 @@ def prior_measures(model, task, cfg: RunConfig, *, log_prior=True, pac_bayes=Tru
         labels = predict(model, x)
         res = log_prior_fn(K, labels, method=cfg.prior_method)
         out["log_prior"] = float(res.log_prob)
-        out["log_prior_converged"] = bool(getattr(res, "converged", True))
-        for name in ("std_err", "ci_low", "ci_high"):
-            if getattr(res, name, None) is not None:
-                out[f"log_prior_{name}"] = float(getattr(res, name))
+        out["log_prior_converged"] = bool(res.converged)
+        for name, value in (("std_err", res.std_err), ("ci_low", res.ci_low),
+                            ("ci_high", res.ci_high)):
+            if value is not None:
+                out[f"log_prior_{name}"] = float(value)
         out["log_prior_time_s"] = time.perf_counter() - t0
     if pac_bayes:
         t0 = time.perf_counter()
