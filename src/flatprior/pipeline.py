@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import time
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from flatprior._versions import versions  # noqa: F401  (also flatprior.pipeline.versions)
 from flatprior.errors import FlatpriorError
 
 FLATNESS_MEASURES = ("sharpness", "spectral_norm", "logprod_topk", "trace", "relative_flatness")
@@ -138,20 +138,6 @@ def validation_message(exc: ValidationError) -> str:
             msg = f"unknown field (valid: {', '.join(RunConfig.model_fields)})"
         parts.append(f"{loc}: {msg}")
     return "invalid run config: " + "; ".join(parts)
-
-
-def versions() -> dict[str, str]:
-    import scipy
-
-    from flatprior import __version__
-
-    return {
-        "flatprior": __version__,
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def build_task(cfg: RunConfig):

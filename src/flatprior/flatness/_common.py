@@ -15,10 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from flatprior.errors import FlatpriorError, check_finite_tensor
+from flatprior.models.rescale import linear_layers
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-
-WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def check_data(inputs: Tensor, targets: Tensor, model: nn.Module | None = None) -> int:
@@ -140,11 +139,6 @@ def cast_data(
     return x, y
 
 
-def model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
-    p = next(model.parameters())
-    return p.dtype, p.device
-
-
 def batches(n: int, batch_size: int | None) -> list[slice]:
     """Contiguous slices covering ``range(n)``; the last one may be shorter (never dropped)."""
     bs = n if batch_size is None else max(1, min(int(batch_size), n))
@@ -185,7 +179,7 @@ def mean_loss(
 
 def layer_of(model: nn.Module, layer: int | nn.Module | None) -> nn.Module:
     """Resolve ``layer``: ``None`` = last Linear/Conv layer, an int indexes those layers."""
-    layers = [m for m in model.modules() if isinstance(m, WEIGHTED)]
+    layers = linear_layers(model)
     if not layers:
         raise FlatpriorError("model has no Linear/Conv layer; relative flatness needs one")
     if layer is None:
@@ -205,7 +199,8 @@ def layer_of(model: nn.Module, layer: int | nn.Module | None) -> nn.Module:
 
 
 def layer_index_in(model: nn.Module, module: nn.Module) -> int:
-    layers = [m for m in model.modules() if isinstance(m, WEIGHTED)]
+    """Index of ``module`` among :func:`flatprior.models.linear_layers` of ``model``."""
+    layers = linear_layers(model)
     return next(i for i, m in enumerate(layers) if m is module)
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from flatprior.data.boolean import boolean_inputs  # the one definition (re-exported)
 from flatprior.errors import FlatpriorError, check_positive
 from flatprior.prior.exact import wilson_interval
 
@@ -43,16 +44,6 @@ __all__ = [
 ]
 
 _FORMAT_VERSION = 1
-
-
-def boolean_inputs(n_inputs: int) -> np.ndarray:
-    """All ``2^n_inputs`` points of ``{0,1}^n_inputs`` as ``float32 [N, n_inputs]``.
-
-    Row ``i`` holds the bits of ``i``, most significant first.
-    """
-    i = np.arange(2**n_inputs)[:, None]
-    shifts = np.arange(n_inputs - 1, -1, -1)[None, :]
-    return ((i >> shifts) & 1).astype(np.float32)
 
 
 def _pack(bits: np.ndarray) -> np.ndarray:
