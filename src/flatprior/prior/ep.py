@@ -23,6 +23,43 @@ Numerics (float64, LAPACK through scipy, which uses both cores):
   nothing underflows or cancels for cavity means far on the wrong side.
 * the EP log marginal likelihood follows Rasmussen & Williams eq. (3.65) in the form of GPML's
   ``infEP`` (eq. 3.73 style), evaluated at the current sites with their own cavities.
+
+Stopping rules of :func:`log_prior_ep` (checked after every iteration; the first one met
+ends the run):
+
+* ``tol`` (default ``1e-6``, GPy's rule): mean squared change of the site precisions and of
+  the site natural means both below ``tol``; unlike GPy each change is divided by
+  ``1 + |site|``, so sites far above 1 (near-duplicate points with opposite labels reach
+  ``tau ~ 1e6``, whose rounding noise is ``O(1)``) are judged relatively.
+* ``tol_log_prob`` (off by default): ``|Δ ln P| / (1 - damping) <= tol_log_prob *
+  max(1, |ln P|)``. Cheaper on well-behaved problems (MNIST n = 10 000, true labels, with
+  Anderson acceleration: 12 instead of 15 updates at 1e-6, value 3e-7 relative from the
+  site-rule value; without acceleration 14 instead of 34); on strongly
+  correlated kernels that need damping neither rule is within 1e-6 of the fixed point
+  (measured on 52 small cases: worst site rule 7e-4 relative, on the Boolean constant
+  function, where GPy's mean-squared rule allows rms site changes of 1e-3; worst
+  log-P rule 4.9e-6, at 17 vs 15 iterations on average).
+
+Cost per iteration: one Cholesky and one triangular inverse of an ``n x n`` matrix
+(``~2/3 n^3`` flops, the least any exact ``diag(Sigma)`` costs), memory: two ``n x n``
+float64 arrays. Single precision is no way out: near-duplicate MNIST images drive site
+precisions to ``1e4-1e6`` and ``B`` to condition numbers where float32 EP diverges
+(measured at n = 4000). Measured at n = 10 000 (MNIST arc-cosine kernel, 2 cores):
+Nystrom warm start (rank 500) + Anderson from the first exact update: 7 updates, 52.5 s,
+18 Cholesky times; Anderson alone: 15 updates, 106 s, 36; plain parallel EP: 34 updates,
+265 s, 86.
+
+Damping: undamped parallel EP oscillates with period 2 on strongly correlated kernels with equal
+labels (e.g. correlation 0.95, n = 15: log P alternates between -1.8 and -9.1 forever); with
+``adaptive_damping`` the damping is raised (0.5, 0.75, ..., 0.95) when log P changes direction
+twice in a row without shrinking 2x. Damping does not move the fixed point, only the path.
+
+Acceleration: Anderson acceleration of the site iteration (measured on MNIST arc-cosine kernels:
+12 instead of 18 updates at n = 2000) and a warm start from EP on a Nystrom approximation of
+``K`` (``warm_rank`` random landmarks, diagonal kept exact, ``O(n warm_rank^2)`` per
+iteration), which skips most of the transient that parallel EP goes through from zero sites at
+the cost of one extra exact evaluation (measured at n = 10 000: 7 exact updates with 500 or 700
+landmarks, 8 with 1000).
 """
 
 from __future__ import annotations
@@ -462,6 +499,20 @@ def _check_options(likelihood, tol, tol_log_prob, max_iter, damping, jitter, max
     _check_int_option("anderson", anderson, 0, " (0 = off)")
 
 
+def _unit_mean_diagonal(K: np.ndarray) -> float:
+    """Divide ``K`` in place by its mean diagonal (``ln P`` does not depend on the scale, and
+    the site tolerance becomes scale invariant); return that scale."""
+    diag = np.diagonal(K)
+    if (diag <= 0).any():
+        raise FlatpriorError(
+            f"kernel K has {int((diag <= 0).sum())} non-positive diagonal entries; "
+            "every point needs a positive prior variance"
+        )
+    scale = float(diag.mean())
+    K *= 1.0 / scale
+    return scale
+
+
 def _check_pairs(K: np.ndarray, ysign: np.ndarray, heaviside: bool) -> None:
     """Necessary PSD condition ``|r_ij| <= 1`` for ``r_ij = K_ij / sqrt(K_ii K_jj)``, and
     (Heaviside) ``P(f) = 0`` exactly when some pair has ``r = 1`` with opposite labels or
@@ -518,29 +569,7 @@ def log_prior_ep(
     The kernel is first divided by its mean diagonal (``ln P`` does not depend on the scale of
     ``K``), so the site tolerance below is scale invariant.
 
-    Stopping rules (checked after every iteration; the first one met ends the run):
-
-    * ``tol`` (default ``1e-6``, GPy's rule): mean squared change of the site precisions and of
-      the site natural means both below ``tol``; unlike GPy each change is divided by
-      ``1 + |site|``, so sites far above 1 (near-duplicate points with opposite labels reach
-      ``tau ~ 1e6``, whose rounding noise is ``O(1)``) are judged relatively.
-    * ``tol_log_prob`` (off by default): ``|Δ ln P| / (1 - damping) <= tol_log_prob *
-      max(1, |ln P|)``. Cheaper on well-behaved problems (MNIST n = 10 000, true labels, with
-      Anderson acceleration: 12 instead of 15 updates at 1e-6, value 3e-7 relative from the
-      site-rule value; without acceleration 14 instead of 34); on strongly
-      correlated kernels that need damping neither rule is within 1e-6 of the fixed point
-      (measured on 52 small cases: worst site rule 7e-4 relative, on the Boolean constant
-      function, where GPy's mean-squared rule allows rms site changes of 1e-3; worst
-      log-P rule 4.9e-6, at 17 vs 15 iterations on average).
-
-    Cost per iteration: one Cholesky and one triangular inverse of an ``n x n`` matrix
-    (``~2/3 n^3`` flops, the least any exact ``diag(Sigma)`` costs), memory: two ``n x n``
-    float64 arrays. Single precision is no way out: near-duplicate MNIST images drive site
-    precisions to ``1e4-1e6`` and ``B`` to condition numbers where float32 EP diverges
-    (measured at n = 4000). Measured at n = 10 000 (MNIST arc-cosine kernel, 2 cores):
-    Nystrom warm start (rank 500) + Anderson from the first exact update: 7 updates, 52.5 s,
-    18 Cholesky times; Anderson alone: 15 updates, 106 s, 36; plain parallel EP: 34 updates,
-    265 s, 86.
+    Stopping rules, cost and measured speed-ups: see the module docstring.
 
     Args:
         K: prior covariance ``[n, n]`` (symmetric PSD), array or tensor.
@@ -550,10 +579,7 @@ def log_prior_ep(
         max_iter: maximum number of parallel updates.
         damping: ``0 <= damping < 1``; new sites = ``(1-damping) new + damping old``.
         adaptive_damping: raise the damping (to 0.5, 0.75, ..., at most 0.95) when the
-            log P changes direction twice in a row without shrinking 2x. Undamped parallel EP
-            oscillates with period 2 on strongly correlated kernels with equal labels (e.g.
-            correlation 0.95, n = 15: log P alternates between -1.8 and -9.1 forever);
-            damping does not move the fixed point, only the path to it.
+            log P changes direction twice in a row without shrinking 2x (module docstring).
         jitter: initial diagonal jitter, relative to the mean diagonal of ``K``.
         max_jitter: largest relative jitter tried (x100 steps from ``1e-10``) when the
             factorisation fails; beyond it a :class:`FlatpriorError` is raised.
@@ -561,18 +587,12 @@ def log_prior_ep(
             (``Phi(y z)``, GPy's default Bernoulli link at kernel scale 1, as in the authors'
             code; equals the Heaviside orthant probability of ``K + I``; not scale invariant).
         anderson: memory of the Anderson acceleration of the site iteration (``0`` = plain
-            parallel EP). It changes the path, not the fixed point; it is off while damping
-            is on. Measured on MNIST arc-cosine kernels: 12 instead of 18 updates at
-            n = 2000.
+            parallel EP; off while damping is on). Changes the path, not the fixed point.
         warm_start: ``"nystrom"``: start exact EP from the sites of EP on a Nystrom
-            approximation of ``K`` (``warm_rank`` random landmarks, diagonal kept exact;
-            ``O(n warm_rank^2)`` per iteration), which skips most of the transient that
-            parallel EP goes through from zero sites; costs one extra exact evaluation.
-            ``"none"``: start from zero sites. ``"auto"`` (default): Nystrom for
-            ``n >= 2048``, where the exact iterations dominate. Like ``anderson`` it changes
-            the path, not the fixed point (tests compare both starts to 1e-10).
-        warm_rank: landmarks of the warm start (default ``min(500, n // 4)``; measured at
-            n = 10 000: 7 exact updates with 500 or 700 landmarks, 8 with 1000).
+            approximation of ``K`` (module docstring); ``"none"``: from zero sites;
+            ``"auto"`` (default): Nystrom for ``n >= 2048``. Changes the path, not the fixed
+            point (tests compare both starts to 1e-10).
+        warm_rank: landmarks of the warm start (default ``min(500, n // 4)``).
         n_threads: BLAS threads (via threadpoolctl). Default: 1 for ``n < 2048`` (multi-threaded
             OpenBLAS on small matrices is up to 30x slower on a busy machine), else all cores.
 
@@ -589,14 +609,7 @@ def log_prior_ep(
     _check_options(likelihood, tol, tol_log_prob, max_iter, damping, jitter, max_jitter,
                    warm_start, warm_rank, anderson)
     n = K.shape[0]
-    diag = np.diagonal(K)
-    if (diag <= 0).any():
-        raise FlatpriorError(
-            f"kernel K has {int((diag <= 0).sum())} non-positive diagonal entries; "
-            "every point needs a positive prior variance"
-        )
-    scale = float(diag.mean())
-    K *= 1.0 / scale
+    scale = _unit_mean_diagonal(K)
     _check_pairs(K, ysign, heaviside=likelihood == "heaviside")
     buf = np.empty((n, n), dtype=np.float64, order="F")
     rank = 0

@@ -8,11 +8,20 @@ The prior probability of a function f with labels ``y ∈ {±1}^n`` on inputs wi
 
 :func:`log_prior_tilting` estimates ``log P(f)`` without bias (in P) with one of two proposals:
 
-* Botev's minimax exponential tilting (:mod:`flatprior.prior.minimax_tilting`; Z. I. Botev,
-  "The normal law under linear restrictions: simulation and estimation via minimax tilting",
-  JRSS-B 79(1), 2017), which also gives a deterministic upper bound;
-* EP-guided twisted sequential Monte-Carlo (:mod:`flatprior.prior.ep_sampler`), for complex
-  functions on hundreds of strongly correlated inputs, where minimax weights degenerate.
+* ``proposal="minimax"``: Botev's (2017) minimax exponential tilting, plain importance
+  sampling, delta-method standard error over all weights; also returns Botev's
+  deterministic upper bound ``log_upper_bound = ψ(x*, μ*)``.
+* ``proposal="ep"``: twisted sequential Monte-Carlo with the EP posterior as proposal and
+  resampling; ``n_samples`` particles are split into ``n_replicates`` independent runs, and
+  the standard error comes from the spread of the replicate estimates (Student-t interval).
+* ``proposal="auto"`` (default): minimax tilting; if a pilot batch has an effective sample
+  size below ``min_ess_fraction`` of its size (the weights are degenerate, as for complex
+  functions on hundreds of correlated inputs), switch to ``"ep"``. ``log_upper_bound`` is
+  kept in both cases.
+
+The minimax pieces are in :mod:`flatprior.prior.minimax_tilting` (Z. I. Botev, "The normal law
+under linear restrictions: simulation and estimation via minimax tilting", JRSS-B 79(1), 2017),
+the EP-guided twisted SMC in :mod:`flatprior.prior.ep_sampler`.
 
 Both draw seeded chunks in worker threads and, with a target standard error, grow the sample
 (:mod:`flatprior.prior._draws`).
@@ -261,6 +270,41 @@ def _smc_estimate(prop: _EPProposal, s: _Sampling) -> _Estimate:
                      n_replicates=reps)
 
 
+def _correlation(Kn: np.ndarray, ys: np.ndarray, jitter: float) -> np.ndarray:
+    """Correlation matrix ``Σ`` of ``x = diag(y) z / sd`` (scale-free, better conditioned), with
+    ``1 + jitter`` on the diagonal."""
+    dK = np.diag(Kn)
+    if not np.all(dK > 0):
+        raise FlatpriorError("kernel K has a non-positive diagonal entry; K must be a covariance")
+    sd = np.sqrt(dK)
+    sigma = (ys[:, None] * ys[None, :]) * Kn / (sd[:, None] * sd[None, :])
+    sigma[np.diag_indices(Kn.shape[0])] = 1.0 + jitter
+    return sigma
+
+
+def _sample(Kn, ys, sigma, tl: _Tilting | None, proposal: str,
+            s: _Sampling) -> tuple[_EPProposal | None, _Estimate]:
+    """Sample with minimax tilting (``tl``), or with the EP proposal when asked for or when
+    ``"auto"``'s pilot batch is degenerate. Returns the EP proposal (if built) and the estimate.
+    """
+    prop = None
+    if tl is not None:
+        draws = _minimax_draws(tl, s)
+        if proposal == "auto" and _pilot_is_degenerate(draws, s):
+            try:
+                with s.setup_threads():
+                    prop = _ep_proposal(Kn, ys, sigma, s.ep_tol)
+            except FlatpriorError as exc:  # keep minimax; flagged unreliable later
+                warnings.warn(f"EP proposal unavailable ({exc}); staying with minimax "
+                              "tilting", TiltingConvergenceWarning, stacklevel=3)
+        if prop is None:
+            return None, _minimax_estimate(draws, s)
+    if prop is None:
+        with s.setup_threads():
+            prop = _ep_proposal(Kn, ys, sigma, s.ep_tol)
+    return prop, _smc_estimate(prop, s)
+
+
 def _warn_if_unreliable(est: _Estimate, n: int) -> None:
     if est.reliable:
         return
@@ -299,18 +343,8 @@ def log_prior_tilting(
 ) -> TiltingResult:
     """Estimate ``log P(sign z = y)``, ``z ~ N(0, K)``, by importance sampling with a CI.
 
-    Two unbiased (in P) estimators, see the module docstring:
-
-    * ``proposal="minimax"``: Botev's (2017) minimax exponential tilting, plain importance
-      sampling, delta-method standard error over all weights; also returns Botev's
-      deterministic upper bound ``log_upper_bound = ψ(x*, μ*)``.
-    * ``proposal="ep"``: twisted sequential Monte-Carlo with the EP posterior as proposal and
-      resampling; ``n_samples`` particles are split into ``n_replicates`` independent runs, and
-      the standard error comes from the spread of the replicate estimates (Student-t interval).
-    * ``proposal="auto"`` (default): minimax tilting; if a pilot batch has an effective sample
-      size below ``min_ess_fraction`` of its size (the weights are degenerate, as for complex
-      functions on hundreds of correlated inputs), switch to ``"ep"``. ``log_upper_bound`` is
-      kept in both cases.
+    Two unbiased (in P) estimators, chosen by ``proposal`` (``"minimax"``, ``"ep"`` or
+    ``"auto"``; see the module docstring).
 
     Args:
         K: kernel (covariance) ``[n, n]``, symmetric positive definite; numpy or torch.
@@ -354,43 +388,26 @@ def log_prior_tilting(
     proposal = _check_options(proposal, n_samples, max_samples, n_threads, max_iter,
                               n_replicates, batch_size, tol, ep_tol, jitter, min_ess_fraction,
                               target_se, max_time, confidence)
-    dK = np.diag(Kn)
-    if not np.all(dK > 0):
-        raise FlatpriorError("kernel K has a non-positive diagonal entry; K must be a covariance")
+    sigma = _correlation(Kn, ys, jitter)
     n = Kn.shape[0]
-    # correlation matrix of x = diag(y) z / sd (scale-free, better conditioned)
-    sd = np.sqrt(dK)
-    sigma = (ys[:, None] * ys[None, :]) * Kn / (sd[:, None] * sd[None, :])
-    sigma[np.diag_indices(n)] = 1.0 + jitter
     s = _Sampling(n, int(n_samples), int(seed), target_se, int(max_samples), max_time,
                   batch_size, int(n_replicates), int(n_threads), float(confidence),
                   ep_tol, min_ess_fraction, t_start=0.0)
     tl = _minimax_tilting(sigma, s, tol, max_iter) if proposal != "ep" else None
     t1 = time.perf_counter()
-    s = replace(s, t_start=t1)
-    prop, est = None, None
-    if tl is not None:
-        draws = _minimax_draws(tl, s)
-        if proposal == "auto" and _pilot_is_degenerate(draws, s):
-            try:
-                with s.setup_threads():
-                    prop = _ep_proposal(Kn, ys, sigma, ep_tol)
-            except FlatpriorError as exc:  # keep minimax; flagged unreliable below
-                warnings.warn(f"EP proposal unavailable ({exc}); staying with minimax "
-                              "tilting", TiltingConvergenceWarning, stacklevel=2)
-        if prop is None:
-            est = _minimax_estimate(draws, s)
-    if est is None:
-        if prop is None:
-            with s.setup_threads():
-                prop = _ep_proposal(Kn, ys, sigma, ep_tol)
-        est = _smc_estimate(prop, s)
-    t2 = time.perf_counter()
+    prop, est = _sample(Kn, ys, sigma, tl, proposal, replace(s, t_start=t1))
     _warn_if_unreliable(est, n)
+    return _tilting_result(est, tl, prop, float(confidence), n, (t0, t1, time.perf_counter()))
+
+
+def _tilting_result(est: _Estimate, tl: _Tilting | None, prop: _EPProposal | None,
+                    confidence: float, n: int, times: tuple[float, float, float]) -> TiltingResult:
+    """The public result from the estimate and the proposal(s) built on the way."""
     if tl is not None:
         opt = (bool(tl.converged), int(tl.n_iter), float(tl.grad_norm))
     else:
         opt = (prop.converged, prop.n_iter, float("nan"))
+    t0, t1, t2 = times
     return TiltingResult(
         log_prob=est.log_p,
         std_err=est.se,
@@ -405,7 +422,7 @@ def log_prior_tilting(
         ess=est.ess,
         replicate_log_sd=est.replicate_log_sd,
         n_resample=est.n_resample,
-        confidence=float(confidence),
+        confidence=confidence,
         n=n,
         opt_n_iter=opt[1],
         opt_grad_norm=opt[2],
