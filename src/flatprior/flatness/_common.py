@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from flatprior import errors
 from flatprior.errors import FlatpriorError, check_finite_tensor
 from flatprior.models.rescale import linear_layers
 
@@ -71,12 +72,8 @@ def probe_model(model: nn.Module, inputs: Tensor) -> None:
 
 
 def check_int(name: str, value: object, *, minimum: int = 1) -> int:
-    """Return ``value`` as int if it is an integer >= ``minimum``, else raise one line."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
-        raise FlatpriorError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if int(value) < minimum:
-        raise FlatpriorError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+    """:func:`flatprior.errors.check_int` accepting integral floats (``3.0``)."""
+    return errors.check_int(name, value, minimum, integral_floats=True)
 
 
 def check_loss_fn(loss_fn: object) -> None:

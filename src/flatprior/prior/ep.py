@@ -72,7 +72,7 @@ from typing import ClassVar
 import numpy as np
 from scipy.linalg import lapack, solve_triangular
 
-from flatprior.errors import FlatpriorError, check_choice, check_positive
+from flatprior.errors import FlatpriorError, check_choice, check_int, check_positive
 from flatprior.prior._mills import mills_terms
 from flatprior.prior._threads import blas_threads
 from flatprior.prior._validate import as_kernel_and_signs
@@ -477,26 +477,21 @@ def _ep_with_jitter(K, ysign, buf, jit, max_jitter, opts: _EPOptions,
             jit = nxt
 
 
-def _check_int_option(name: str, value, low: int, hint: str = "") -> None:
-    if not isinstance(value, (int, np.integer)) or value < low:
-        raise FlatpriorError(f"{name} must be an integer >= {low}{hint}, got {value!r}")
-
-
 def _check_options(likelihood, tol, tol_log_prob, max_iter, damping, jitter, max_jitter,
                    warm_start, warm_rank, anderson) -> None:
     check_choice("EP likelihood", likelihood, ["heaviside", "probit"])
     check_positive("tol", tol)
     if tol_log_prob is not None:
         check_positive("tol_log_prob", tol_log_prob)
-    _check_int_option("max_iter", max_iter, 1)
+    check_int("max_iter", max_iter, 1)
     if not 0.0 <= float(damping) < 1.0:
         raise FlatpriorError(f"damping must be in [0, 1), got {damping!r}")
     check_positive("jitter", jitter, allow_zero=True)
     check_positive("max_jitter", max_jitter, allow_zero=True)
     check_choice("EP warm_start", warm_start, ["auto", "nystrom", "none"])
     if warm_rank is not None:
-        _check_int_option("warm_rank", warm_rank, 1)
-    _check_int_option("anderson", anderson, 0, " (0 = off)")
+        check_int("warm_rank", warm_rank, 1)
+    check_int("anderson", anderson, 0, hint=" (0 = off)")
 
 
 def _unit_mean_diagonal(K: np.ndarray) -> float:

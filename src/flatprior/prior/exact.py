@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from flatprior.errors import FlatpriorError, check_positive
+from flatprior.errors import FlatpriorError, check_int, check_positive
 from flatprior.prior._validate import as_kernel_and_signs
 
 __all__ = [
@@ -217,8 +217,7 @@ def mc_log_orthant_prob(
         jitter: relative diagonal jitter for the Cholesky factor.
     """
     K, y = as_kernel_and_signs(K, y)
-    if not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
-        raise FlatpriorError(f"n_samples must be an integer >= 1, got {n_samples!r}")
+    check_int("n_samples", n_samples, 1)
     n = K.shape[0]
     if batch is None:
         batch = max(1, (4 * 2**20) // n)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from flatprior.errors import FlatpriorError, check_positive
+from flatprior.errors import FlatpriorError, check_int, check_positive
 
 __all__ = ["arccos_kernel", "empirical_kernel"]
 
@@ -105,8 +105,7 @@ def arccos_kernel(
             ``1e-4`` times the inputs' ``max(1 - cos(x_i, x_j))``, which happens when
             ``sigma_b2 >> sigma_w2``; ``ln P(f)`` of such a kernel is set by rounding/jitter.
     """
-    if not isinstance(depth, (int, np.integer)) or isinstance(depth, bool) or depth < 0:
-        raise FlatpriorError(f"depth must be an integer >= 0, got {depth!r}")
+    check_int("depth", depth, 0)
     check_positive("sigma_w2", sigma_w2)
     check_positive("sigma_b2", sigma_b2, allow_zero=True)
     sw2, sb2 = float(sigma_w2), float(sigma_b2)
@@ -223,8 +222,7 @@ def empirical_kernel(
     Returns:
         ``torch.float64`` tensor ``[n, n]``.
     """
-    if not isinstance(n_draws, (int, np.integer)) or n_draws < 1:
-        raise FlatpriorError(f"n_draws must be an integer >= 1, got {n_draws!r}")
+    check_int("n_draws", n_draws, 1)
     check_positive("sigma_w2", sigma_w2)
     check_positive("sigma_b2", sigma_b2, allow_zero=True)
     check_positive("chunk_size", chunk_size)

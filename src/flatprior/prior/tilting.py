@@ -41,7 +41,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from scipy.special import ndtri
 
-from flatprior.errors import FlatpriorError, check_choice, check_positive
+from flatprior.errors import FlatpriorError, check_choice, check_int, check_positive
 from flatprior.prior._draws import ParallelDraws, grow_to_target
 from flatprior.prior._threads import blas_threads
 from flatprior.prior._validate import as_kernel_and_signs
@@ -167,22 +167,17 @@ class _Estimate:
     n_replicates: int = 0
 
 
-def _check_int(name: str, val, low: int) -> None:
-    if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < low:
-        raise FlatpriorError(f"{name} must be an integer >= {low}, got {val!r}")
-
-
 def _check_options(proposal, n_samples, max_samples, n_threads, max_iter, n_replicates,
                    batch_size, tol, ep_tol, jitter, min_ess_fraction, target_se, max_time,
                    confidence) -> str:
     proposal = check_choice("tilting proposal", proposal, _PROPOSALS)
-    _check_int("n_samples", n_samples, 2)
-    _check_int("max_samples", max_samples, 2)
-    _check_int("n_threads", n_threads, 1)
-    _check_int("max_iter", max_iter, 1)
-    _check_int("n_replicates", n_replicates, 4)
+    check_int("n_samples", n_samples, 2)
+    check_int("max_samples", max_samples, 2)
+    check_int("n_threads", n_threads, 1)
+    check_int("max_iter", max_iter, 1)
+    check_int("n_replicates", n_replicates, 4)
     if batch_size is not None:
-        _check_int("batch_size", batch_size, 2)
+        check_int("batch_size", batch_size, 2)
     check_positive("tol", tol)
     check_positive("ep_tol", ep_tol)
     check_positive("jitter", jitter, allow_zero=True)
