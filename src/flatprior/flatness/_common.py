@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from flatprior import errors
 from flatprior.errors import FlatpriorError, check_finite_tensor
+from flatprior.models.probe import forward_probe
 from flatprior.models.rescale import linear_layers
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -51,24 +52,9 @@ def probe_model(model: nn.Module, inputs: Tensor) -> None:
     under ``no_grad``; a torch error becomes a one-line :class:`FlatpriorError`."""
     if not isinstance(model, nn.Module):
         return  # eval_copy reports a non-module model
-    p = next(model.parameters(), None)
-    x = inputs[:1] if p is None else inputs[:1].to(device=p.device, dtype=p.dtype)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(x)
-    except (RuntimeError, ValueError, TypeError) as exc:
-        text = str(exc).strip()
-        first = text.splitlines()[0][:160] if text else type(exc).__name__
-        lin = next((m for m in model.modules() if isinstance(m, nn.Linear)), None)
-        want = f" (its first Linear layer takes {lin.in_features} features)" if lin else ""
-        raise FlatpriorError(
-            f"the model does not accept inputs of shape {list(inputs.shape[1:])} ({first}); "
-            f"pass inputs shaped like its training data{want}"
-        ) from None
-    finally:
-        model.train(was_training)
+    lin = next((m for m in model.modules() if isinstance(m, nn.Linear)), None)
+    want = f" (its first Linear layer takes {lin.in_features} features)" if lin else ""
+    forward_probe(model, inputs, f"pass inputs shaped like its training data{want}", cast=True)
 
 
 def check_int(name: str, value: object, *, minimum: int = 1) -> int:

@@ -24,6 +24,7 @@ from flatprior.errors import (
     check_finite_tensor,
     check_positive,
 )
+from flatprior.models.probe import forward_probe
 from flatprior.train.optimizers import make_optimizer
 from flatprior.train.stopping import Stop, StopRules
 
@@ -191,19 +192,7 @@ def check_task(model: nn.Module, task: Task) -> None:
             )
     if len(task.y_train) == 0:
         raise FlatpriorError("the task has an empty training set; ask for n_train >= 1")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            probe = model(task.x_train[:1])
-    except (RuntimeError, ValueError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise FlatpriorError(
-            f"the model does not accept inputs of shape {list(task.x_train.shape[1:])} ({first}); "
-            "build it with make_model(name, task.input_shape)"
-        ) from None
-    finally:
-        model.train(was_training)
+    probe = forward_probe(model, task.x_train, "build it with make_model(name, task.input_shape)")
     if probe.numel() != 1:
         raise FlatpriorError(
             f"the model must output one logit per input, got {tuple(probe.shape)} for one input"
