@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from flatprior._versions import versions
 from flatprior.errors import FlatpriorError, check_finite_tensor
 
 FORMAT = "flatprior-checkpoint"
@@ -109,8 +110,6 @@ def save_checkpoint(
     for name, t in state.items():
         if t.is_floating_point():
             check_finite_tensor(f"model weight {name!r}", t)
-    from flatprior.pipeline import versions
-
     try:
         meta = json.dumps(
             {

@@ -39,6 +39,24 @@ def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
         raise FlatpriorError(f"{name} must be {bound}, got {value!r}")
 
 
+def check_int(name: str, value: Any, minimum: int = 1, *, integral_floats: bool = False,
+              hint: str = "") -> int:
+    """Return ``value`` as an int if it is an integer >= ``minimum``, else raise one line.
+
+    ``bool`` is refused (``True`` is not a count). Python and numpy integers pass; with
+    ``integral_floats`` so do floats with an integer value (e.g. ``3.0`` read from JSON).
+    ``hint`` is added after the bound in the message (e.g. ``" (0 = off)"``).
+    """
+    import numpy as np
+
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if not ok and integral_floats and isinstance(value, (float, np.floating)):
+        ok = value == value and abs(value) != float("inf") and int(value) == value
+    if not ok or int(value) < minimum:
+        raise FlatpriorError(f"{name} must be an integer >= {minimum}{hint}, got {value!r}")
+    return int(value)
+
+
 def check_finite_tensor(name: str, x: Any) -> None:
     """Raise if a torch tensor / numpy array holds NaN or inf (says how many)."""
     import numpy as np

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import time
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from flatprior._versions import versions  # noqa: F401  (also flatprior.pipeline.versions)
 from flatprior.errors import FlatpriorError
 
 FLATNESS_MEASURES = (
@@ -140,20 +140,6 @@ def validation_message(exc: ValidationError) -> str:
             msg = f"unknown field (valid: {', '.join(RunConfig.model_fields)})"
         parts.append(f"{loc}: {msg}")
     return "invalid run config: " + "; ".join(parts)
-
-
-def versions() -> dict[str, str]:
-    import scipy
-
-    from flatprior import __version__
-
-    return {
-        "flatprior": __version__,
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def build_task(cfg: RunConfig):
@@ -280,10 +266,11 @@ def prior_measures(model, task, cfg: RunConfig, *, log_prior=True, pac_bayes=Tru
         labels = predict(model, x)
         res = log_prior_fn(K, labels, method=cfg.prior_method)
         out["log_prior"] = float(res.log_prob)
-        out["log_prior_converged"] = bool(getattr(res, "converged", True))
-        for name in ("std_err", "ci_low", "ci_high"):
-            if getattr(res, name, None) is not None:
-                out[f"log_prior_{name}"] = float(getattr(res, name))
+        out["log_prior_converged"] = bool(res.converged)
+        for name, value in (("std_err", res.std_err), ("ci_low", res.ci_low),
+                            ("ci_high", res.ci_high)):
+            if value is not None:
+                out[f"log_prior_{name}"] = float(value)
         out["log_prior_time_s"] = time.perf_counter() - t0
     if pac_bayes:
         t0 = time.perf_counter()

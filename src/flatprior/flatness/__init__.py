@@ -8,7 +8,9 @@ of the model in eval mode (float64 by default) and leave the model untouched.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -16,11 +18,16 @@ from torch import Tensor, nn
 from flatprior.errors import check_choice
 from flatprior.flatness._common import LossFn
 from flatprior.flatness.hessian import (
+    CurvatureOptions,
     hessian_log_product_topk,
     hessian_operator,
     hessian_spectral_norm,
     hessian_top_eigenvalues,
     hessian_trace,
+    log_product_topk,
+    spectral_norm,
+    top_eigenvalues,
+    trace,
 )
 from flatprior.flatness.keskar import SharpnessResult, keskar_sharpness
 from flatprior.flatness.relative import fam_regularizer, relative_flatness
@@ -28,10 +35,116 @@ from flatprior.flatness.relative import fam_regularizer, relative_flatness
 MEASURES = ("sharpness", "spectral_norm", "logprod_topk", "trace", "relative_flatness")
 
 __all__ = [
-    "MEASURES", "SharpnessResult", "fam_regularizer", "flatness_measures",
-    "hessian_log_product_topk", "hessian_operator", "hessian_spectral_norm",
-    "hessian_top_eigenvalues", "hessian_trace", "keskar_sharpness", "relative_flatness",
+    "MEASURES", "CurvatureOptions", "FlatnessOptions", "SharpnessResult", "fam_regularizer",
+    "flatness_measures", "hessian_log_product_topk", "hessian_operator", "hessian_spectral_norm",
+    "hessian_top_eigenvalues", "hessian_trace", "keskar_sharpness", "log_product_topk",
+    "relative_flatness", "spectral_norm", "top_eigenvalues", "trace",
 ]
+
+
+@dataclass(frozen=True)
+class FlatnessOptions:
+    """Settings of :func:`flatness_measures` (each passed to the measure named in brackets).
+
+    Attributes:
+        eps: box radius ``epsilon`` [sharpness].
+        sharpness_method: ``"sgd"`` or ``"lbfgsb"`` [sharpness].
+        sharpness_lr, sharpness_batch_size, sharpness_epochs: SGD ascent [sharpness].
+        lbfgs_maxiter: L-BFGS-B iterations [sharpness].
+        topk: ``k`` of the log-product, capped at the number of parameters [logprod_topk].
+        trace_method, trace_samples: estimator and its matrix-vector products [trace].
+        relative_layer: layer (default: last Linear/Conv) [relative_flatness].
+        batch_size: examples per chunk of every loss/HVP evaluation [Hessian measures,
+            relative_flatness].
+        dtype: compute dtype (default float64) [all].
+        seed: seeds every random choice (ascent batches, ARPACK start, trace probes) [all].
+    """
+
+    eps: float = 1e-4
+    sharpness_method: str = "sgd"
+    sharpness_lr: float = 1e-3
+    sharpness_batch_size: int = 128
+    sharpness_epochs: int = 100
+    lbfgs_maxiter: int = 10
+    topk: int = 50
+    trace_method: str = "hutchinson"
+    trace_samples: int = 100
+    relative_layer: int | nn.Module | None = None
+    batch_size: int | None = 1024
+    dtype: torch.dtype | None = torch.float64
+    seed: int = 0
+
+    def curvature(self) -> CurvatureOptions:
+        """The Hessian operator's options."""
+        return CurvatureOptions(batch_size=self.batch_size, dtype=self.dtype, seed=self.seed)
+
+
+@dataclass
+class _Problem:
+    """One model and data set, with the Hessian operator built at most once."""
+
+    model: nn.Module
+    loss_fn: LossFn
+    inputs: Tensor
+    targets: Tensor
+    opts: FlatnessOptions
+    _op: Any = None
+
+    def hessian(self):
+        if self._op is None:
+            c = self.opts.curvature()
+            self._op = hessian_operator(self.model, self.loss_fn, self.inputs, self.targets,
+                                        batch_size=c.batch_size, dtype=c.dtype, hvp=c.hvp,
+                                        cache_graph=c.cache_graph)
+        return self._op
+
+
+def _sharpness(pb: _Problem) -> tuple[str, dict[str, Any]]:
+    o = pb.opts
+    res = keskar_sharpness(
+        pb.model, pb.loss_fn, pb.inputs, pb.targets, o.eps, o.sharpness_method,
+        lr=o.sharpness_lr, batch_size=o.sharpness_batch_size, epochs=o.sharpness_epochs,
+        lbfgs_maxiter=o.lbfgs_maxiter, dtype=o.dtype, seed=o.seed, return_details=True,
+    )
+    return "sharpness", {"sharpness": res.value, "sharpness_method": o.sharpness_method,
+                         "sharpness_eps": float(o.eps), "sharpness_steps": res.n_steps}
+
+
+def _spectral_norm(pb: _Problem) -> tuple[str, dict[str, Any]]:
+    c = pb.opts.curvature()
+    return "spectral_norm", {"spectral_norm": spectral_norm(pb.hessian(), tol=c.tol, ncv=c.ncv,
+                                                            seed=c.seed)}
+
+
+def _logprod_topk(pb: _Problem) -> tuple[str, dict[str, Any]]:
+    n_params = sum(p.numel() for p in pb.model.parameters() if p.requires_grad)
+    key = f"logprod_top{pb.opts.topk}"
+    c = pb.opts.curvature()
+    val, npos = log_product_topk(pb.hessian(), min(pb.opts.topk, n_params), tol=c.tol,
+                                 ncv=c.ncv, seed=c.seed, return_count=True)
+    return key, {key: val, f"{key}_npos": npos}  # val is -inf if no eigenvalue is positive
+
+
+def _trace(pb: _Problem) -> tuple[str, dict[str, Any]]:
+    o = pb.opts
+    val = trace(pb.hessian(), method=o.trace_method, n_samples=o.trace_samples, seed=o.seed)
+    return "trace", {"trace": val, "trace_method": o.trace_method}
+
+
+def _relative_flatness(pb: _Problem) -> tuple[str, dict[str, Any]]:
+    o = pb.opts
+    val = relative_flatness(pb.model, pb.loss_fn, pb.inputs, pb.targets, o.relative_layer,
+                            batch_size=o.batch_size, dtype=o.dtype)
+    return "relative_flatness", {"relative_flatness": val}
+
+
+_COMPUTE: dict[str, Callable[[_Problem], tuple[str, dict[str, Any]]]] = {
+    "sharpness": _sharpness,
+    "spectral_norm": _spectral_norm,
+    "logprod_topk": _logprod_topk,
+    "trace": _trace,
+    "relative_flatness": _relative_flatness,
+}
 
 
 def flatness_measures(
@@ -41,19 +154,8 @@ def flatness_measures(
     *,
     loss_fn: LossFn | None = None,
     which: Iterable[str] = MEASURES,
-    eps: float = 1e-4,
-    sharpness_method: str = "sgd",
-    sharpness_lr: float = 1e-3,
-    sharpness_batch_size: int = 128,
-    sharpness_epochs: int = 100,
-    lbfgs_maxiter: int = 10,
-    topk: int = 50,
-    trace_method: str = "hutchinson",
-    trace_samples: int = 100,
-    relative_layer: int | nn.Module | None = None,
-    batch_size: int | None = 1024,
-    dtype: torch.dtype | None = torch.float64,
-    seed: int = 0,
+    options: FlatnessOptions | None = None,
+    **settings: Any,
 ) -> dict[str, float | int | str]:
     """Compute the selected flatness measures of ``model`` on ``(inputs, targets)`` (the set S).
 
@@ -61,62 +163,38 @@ def flatness_measures(
 
     - ``sharpness`` (+ ``sharpness_method``, ``sharpness_eps``, ``sharpness_steps``):
       :func:`keskar_sharpness`;
-    - ``spectral_norm``: :func:`hessian_spectral_norm`;
+    - ``spectral_norm``: :func:`spectral_norm` of the Hessian;
     - ``logprod_top{topk}`` (+ ``logprod_top{topk}_npos``, the number of positive eigenvalues
-      used): :func:`hessian_log_product_topk` (natural log);
-    - ``trace`` (+ ``trace_method``): :func:`hessian_trace`;
+      used): :func:`log_product_topk` (natural log);
+    - ``trace`` (+ ``trace_method``): :func:`trace` of the Hessian;
     - ``relative_flatness``: :func:`relative_flatness` of ``relative_layer`` (default: last layer).
+
+    The Hessian operator is built once and shared by the spectral norm, the log-product and the
+    trace.
 
     Args:
         loss_fn: mean loss; default ``BCEWithLogitsLoss()`` (one logit, float 0/1 targets whose
             shape is made to match the logits ``[N, 1]``).
         which: subset of ``MEASURES`` to compute.
-        topk: ``k`` of the log-product (capped at the number of parameters).
-        Other arguments are passed to the respective measure.
+        options: :class:`FlatnessOptions`.
+        **settings: fields of :class:`FlatnessOptions` given one by one (e.g. ``eps=1e-3,
+            topk=20``); they override ``options``.
     """
+    known = {f.name for f in fields(FlatnessOptions)}
+    for name in settings:
+        if name not in known:
+            raise TypeError(f"flatness_measures() got an unexpected keyword argument {name!r}")
+    opts = replace(options or FlatnessOptions(), **settings)
     which = [check_choice("flatness measure", w, MEASURES) for w in which]
     if loss_fn is None:
         loss_fn = nn.BCEWithLogitsLoss()
         if targets.ndim == 1:
             targets = targets.reshape(-1, 1)
+    pb = _Problem(model, loss_fn, inputs, targets, opts)
     out: dict[str, float | int | str] = {}
-    common = {"batch_size": batch_size, "dtype": dtype}
     for name in which:
         t0 = time.perf_counter()
-        if name == "sharpness":
-            res = keskar_sharpness(
-                model, loss_fn, inputs, targets, eps, sharpness_method, lr=sharpness_lr,
-                batch_size=sharpness_batch_size, epochs=sharpness_epochs,
-                lbfgs_maxiter=lbfgs_maxiter, dtype=dtype, seed=seed, return_details=True,
-            )
-            out.update(sharpness=res.value, sharpness_method=sharpness_method,
-                       sharpness_eps=float(eps), sharpness_steps=res.n_steps)
-            key = "sharpness"
-        elif name == "spectral_norm":
-            out["spectral_norm"] = hessian_spectral_norm(
-                model, loss_fn, inputs, targets, seed=seed, **common
-            )
-            key = "spectral_norm"
-        elif name == "logprod_topk":
-            n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            key = f"logprod_top{topk}"
-            val, npos = hessian_log_product_topk(
-                model, loss_fn, inputs, targets, min(topk, n_params), seed=seed,
-                return_count=True, **common,
-            )
-            out[key] = val  # -inf if no eigenvalue is positive
-            out[f"{key}_npos"] = npos
-        elif name == "trace":
-            out["trace"] = hessian_trace(
-                model, loss_fn, inputs, targets, method=trace_method, n_samples=trace_samples,
-                seed=seed, **common,
-            )
-            out["trace_method"] = trace_method
-            key = "trace"
-        else:
-            out["relative_flatness"] = relative_flatness(
-                model, loss_fn, inputs, targets, relative_layer, **common
-            )
-            key = "relative_flatness"
+        key, values = _COMPUTE[name](pb)
+        out.update(values)
         out[f"{key}_time_s"] = time.perf_counter() - t0
     return out

@@ -14,11 +14,12 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from flatprior import errors
 from flatprior.errors import FlatpriorError, check_finite_tensor
+from flatprior.models.probe import forward_probe
+from flatprior.models.rescale import linear_layers
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-
-WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def check_data(inputs: Tensor, targets: Tensor, model: nn.Module | None = None) -> int:
@@ -51,33 +52,14 @@ def probe_model(model: nn.Module, inputs: Tensor) -> None:
     under ``no_grad``; a torch error becomes a one-line :class:`FlatpriorError`."""
     if not isinstance(model, nn.Module):
         return  # eval_copy reports a non-module model
-    p = next(model.parameters(), None)
-    x = inputs[:1] if p is None else inputs[:1].to(device=p.device, dtype=p.dtype)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(x)
-    except (RuntimeError, ValueError, TypeError) as exc:
-        text = str(exc).strip()
-        first = text.splitlines()[0][:160] if text else type(exc).__name__
-        lin = next((m for m in model.modules() if isinstance(m, nn.Linear)), None)
-        want = f" (its first Linear layer takes {lin.in_features} features)" if lin else ""
-        raise FlatpriorError(
-            f"the model does not accept inputs of shape {list(inputs.shape[1:])} ({first}); "
-            f"pass inputs shaped like its training data{want}"
-        ) from None
-    finally:
-        model.train(was_training)
+    lin = next((m for m in model.modules() if isinstance(m, nn.Linear)), None)
+    want = f" (its first Linear layer takes {lin.in_features} features)" if lin else ""
+    forward_probe(model, inputs, f"pass inputs shaped like its training data{want}", cast=True)
 
 
 def check_int(name: str, value: object, *, minimum: int = 1) -> int:
-    """Return ``value`` as int if it is an integer >= ``minimum``, else raise one line."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
-        raise FlatpriorError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if int(value) < minimum:
-        raise FlatpriorError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+    """:func:`flatprior.errors.check_int` accepting integral floats (``3.0``)."""
+    return errors.check_int(name, value, minimum, integral_floats=True)
 
 
 def check_loss_fn(loss_fn: object) -> None:
@@ -140,11 +122,6 @@ def cast_data(
     return x, y
 
 
-def model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
-    p = next(model.parameters())
-    return p.dtype, p.device
-
-
 def batches(n: int, batch_size: int | None) -> list[slice]:
     """Contiguous slices covering ``range(n)``; the last one may be shorter (never dropped)."""
     bs = n if batch_size is None else max(1, min(int(batch_size), n))
@@ -185,7 +162,7 @@ def mean_loss(
 
 def layer_of(model: nn.Module, layer: int | nn.Module | None) -> nn.Module:
     """Resolve ``layer``: ``None`` = last Linear/Conv layer, an int indexes those layers."""
-    layers = [m for m in model.modules() if isinstance(m, WEIGHTED)]
+    layers = linear_layers(model)
     if not layers:
         raise FlatpriorError("model has no Linear/Conv layer; relative flatness needs one")
     if layer is None:
@@ -205,7 +182,8 @@ def layer_of(model: nn.Module, layer: int | nn.Module | None) -> nn.Module:
 
 
 def layer_index_in(model: nn.Module, module: nn.Module) -> int:
-    layers = [m for m in model.modules() if isinstance(m, WEIGHTED)]
+    """Index of ``module`` among :func:`flatprior.models.linear_layers` of ``model``."""
+    layers = linear_layers(model)
     return next(i for i, m in enumerate(layers) if m is module)
 
 

@@ -10,12 +10,18 @@ over the set (checked against a dense torch.func Hessian in the tests).
 
 Spectra use ARPACK (``scipy.sparse.linalg.eigsh``, implicitly restarted Lanczos) on the operator;
 traces use curvlinops' Hutchinson / Hutch++ estimators, or exact basis probes.
+
+Curvature as operators (curvlinops' model): build the operator once per model and data with
+:func:`hessian_operator` and hand it to :func:`top_eigenvalues`, :func:`spectral_norm`,
+:func:`log_product_topk` and :func:`trace`; the ``hessian_*`` functions are the one-call
+forms that build the operator for you. Shared settings live in :class:`CurvatureOptions`.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,6 +45,32 @@ TRACE_METHODS = ("exact", "hutchinson", "hutch++")
 HVP_KERNELS = ("double_backward", "functorch")
 
 
+@dataclass(frozen=True)
+class CurvatureOptions:
+    """Settings shared by the Hessian operator and its spectral / trace functions.
+
+    Attributes:
+        batch_size: examples per HVP chunk (``None``: the whole set at once).
+        dtype: compute dtype of the model copy and data (default float64; ``None`` keeps the
+            model's).
+        hvp: minibatch HVP kernel, ``"double_backward"`` or ``"functorch"`` (see
+            :func:`hessian_operator`).
+        cache_graph: keep each minibatch's gradient graph between products (see
+            :func:`hessian_operator`; ``None``: only when the set is one minibatch).
+        tol: ARPACK's relative accuracy of the Ritz values (0 = machine precision).
+        ncv: Lanczos basis size (default ``max(2k+1, k+10)``).
+        seed: seeds ARPACK's start vector and the trace probes.
+    """
+
+    batch_size: int | None = 1024
+    dtype: torch.dtype | None = torch.float64
+    hvp: str = "double_backward"
+    cache_graph: bool | None = None
+    tol: float = 1e-10
+    ncv: int | None = None
+    seed: int = 0
+
+
 class _MeanLoss(nn.Module):
     """Wraps a ``(logits, targets) -> mean loss`` callable so curvlinops sees ``reduction='mean'``.
 
@@ -59,7 +91,8 @@ class _MeanLoss(nn.Module):
 def _double_backward_operator_class():
     """curvlinops' Hessian operator with a reverse-over-reverse minibatch kernel.
 
-    Only ``_matmat_batch`` (one minibatch times a matrix) is replaced; batching over the data,
+    Only ``_matmat_batch`` (one minibatch times a matrix; the hook curvlinops documents for
+    subclasses) is replaced; batching over the data,
     the ``n_b / N`` weighting, the scipy export and the trace estimators stay curvlinops'.
     Why: on this CPU the stock kernel (``vmap(jvp(jacrev))``, forward-over-reverse) took 10.6 ms
     per HVP for the 33k-parameter MNIST FCN on 500 examples, plain double backward 4.3 ms.
@@ -71,28 +104,35 @@ def _double_backward_operator_class():
     class DoubleBackwardHessian(HessianLinearOperator):
         cache_graph: bool = False
 
+        def __init__(self, model_func, loss_func, params, data, **kwargs):
+            # our own references: the kernel below uses no private attribute of curvlinops
+            self.net, self.loss, self.params = model_func, loss_func, list(params)
+            self.graph_cache: dict = {}
+            super().__init__(model_func, loss_func, params, data, **kwargs)
+
         def _grads(self, X: Tensor, y: Tensor) -> tuple[Tensor, ...]:
             key = (X.data_ptr(), tuple(X.shape), y.data_ptr())
-            cache = self.__dict__.setdefault("_graph_cache", {})
-            if self.cache_graph and key in cache:
-                return cache[key]
+            if self.cache_graph and key in self.graph_cache:
+                return self.graph_cache[key]
             with torch.enable_grad():
-                loss = self._loss_func(self._model_func(X), y)
-                grads = torch.autograd.grad(loss, self._params, create_graph=True)
+                loss = self.loss(self.net(X), y)
+                grads = torch.autograd.grad(loss, self.params, create_graph=True)
             if self.cache_graph:
-                cache[key] = grads
+                self.graph_cache[key] = grads
             return grads
 
+        # curvlinops' documented extension point ("subclass ... and implement _matmat_batch",
+        # CurvatureLinearOperator); its major version is pinned in pyproject.toml for it
         def _matmat_batch(self, X: Tensor, y: Tensor, M: list[Tensor]) -> list[Tensor]:
             grads = self._grads(X, y)
             k = M[0].shape[-1]
             with torch.enable_grad():
                 if k == 1:
-                    hv = torch.autograd.grad(grads, self._params,
+                    hv = torch.autograd.grad(grads, self.params,
                                              grad_outputs=[m[..., 0] for m in M],
                                              retain_graph=True)
                     return [h.detach().unsqueeze(-1) for h in hv]
-                hv = torch.autograd.grad(grads, self._params,
+                hv = torch.autograd.grad(grads, self.params,
                                          grad_outputs=[m.movedim(-1, 0) for m in M],
                                          retain_graph=True, is_grads_batched=True)
             return [h.detach().movedim(0, -1) for h in hv]
@@ -111,7 +151,7 @@ def hessian_operator(
     params: list[nn.Parameter] | None = None,
     hvp: str = "double_backward",
     cache_graph: bool | None = None,
-    _copy: nn.Module | None = None,
+    copy_model: bool = True,
 ):
     """Build the curvlinops Hessian operator of the mean loss on ``(inputs, targets)``.
 
@@ -121,13 +161,16 @@ def hessian_operator(
         inputs: ``[N, ...]``; targets: ``[N, ...]``.
         batch_size: examples per HVP chunk (``None``: the whole set at once).
         dtype: compute dtype (default float64); ``None`` keeps the model's.
-        params: parameters *of the copy* to differentiate (internal use); default all trainable.
+        params: parameters *of the copy* to differentiate (with ``copy_model=False``: of
+            ``model``); default all trainable.
         hvp: minibatch HVP kernel — ``"double_backward"`` (reverse-over-reverse autograd, the
             faster one on CPU here) or ``"functorch"`` (curvlinops' own forward-over-reverse).
         cache_graph: keep each minibatch's gradient graph between products (``double_backward``
             only): one backward pass per HVP, memory O(N) instead of O(batch_size). ``None``
             (default): cache only when the whole set is one minibatch (memory stays bounded by
             ``batch_size`` either way).
+        copy_model: ``False``: use ``model`` itself, which the caller has already made an
+            eval-mode copy in the compute dtype (e.g. to restrict ``params`` to one layer).
 
     Returns:
         ``curvlinops.HessianLinearOperator`` of shape ``[p, p]`` (``op @ v`` for a torch vector,
@@ -138,10 +181,10 @@ def hessian_operator(
     check_choice("HVP kernel", hvp, HVP_KERNELS)
     check_loss_fn(loss_fn)
     loss_fn = align_targets(loss_fn)
-    n = check_data(inputs, targets, model if _copy is None else _copy)
+    n = check_data(inputs, targets, model)
     if batch_size is not None:
         batch_size = check_int("batch_size", batch_size)
-    net = eval_copy(model, dtype) if _copy is None else _copy
+    net = eval_copy(model, dtype) if copy_model else model
     if params is None:
         params = [p for _, p in trainable_named(net)]
     p0 = params[0]
@@ -204,6 +247,96 @@ def _check_k(k: object, p: int) -> int:
     return k
 
 
+# -- functions of an operator ------------------------------------------------------------------
+def top_eigenvalues(op, k: int = 1, *, tol: float = 1e-10, ncv: int | None = None,
+                    seed: int = 0) -> Tensor:
+    """The ``k`` largest (algebraic) eigenvalues of the operator ``op``, descending.
+
+    ARPACK Lanczos (``eigsh(which="LA")``); ``tol`` is ARPACK's relative accuracy of the Ritz
+    values (0 = machine precision). For ``k >= p - 1`` the dense matrix is built and
+    diagonalised instead (only sensible for tiny models).
+
+    Args:
+        op: a symmetric operator ``[p, p]``, e.g. from :func:`hessian_operator`.
+        k: number of eigenvalues, ``1 <= k <= p``.
+        tol: ARPACK tolerance. ncv: Lanczos basis size (default ``max(2k+1, k+10)``).
+        seed: seeds ARPACK's start vector (results are then reproducible).
+
+    Returns:
+        float64 tensor ``[k]``, largest first.
+    """
+    check_positive("tol", tol, allow_zero=True)
+    k = _check_k(k, _n_params(op))
+    return torch.from_numpy(_eigsh(op, k, "LA", tol, ncv, seed).copy())
+
+
+def spectral_norm(op, *, tol: float = 1e-10, ncv: int | None = None, seed: int = 0) -> float:
+    """``||H||_2 = max_i |lambda_i(H)|`` of the operator (ARPACK ``which="LM"``, one eigenvalue).
+
+    At a minimum ``H`` is (nearly) PSD and this is the largest eigenvalue, the study's
+    "spectral norm"; away from minima a large negative eigenvalue counts by its magnitude.
+    """
+    check_positive("tol", tol, allow_zero=True)
+    return float(abs(_eigsh(op, 1, "LM", tol, ncv, seed)[0]))
+
+
+def log_product_topk(op, k: int = 50, *, tol: float = 1e-10, ncv: int | None = None,
+                     seed: int = 0, return_count: bool = False) -> float | tuple[float, int]:
+    """``sum_{i <= k, lambda_i > 0} log(lambda_i)``: log of the product of the top-k eigenvalues.
+
+    The study's "log product of the top-50 eigenvalues" (natural log). Only *positive*
+    eigenvalues among the ``k`` largest enter: if fewer than ``k`` are positive (a Hessian with
+    many zero/negative directions, e.g. a tiny network), the sum runs over the positive ones only
+    and ``return_count=True`` reports how many were used; if none is positive the result is
+    ``-inf``.
+
+    Returns:
+        the sum (float), or ``(sum, n_positive)`` with ``return_count=True``.
+    """
+    ev = top_eigenvalues(op, k, tol=tol, ncv=ncv, seed=seed)
+    pos = ev[ev > 0]
+    val = float(torch.log(pos).sum()) if pos.numel() else -math.inf
+    return (val, int(pos.numel())) if return_count else val
+
+
+def trace(op, *, method: str = "hutchinson", n_samples: int = 100, seed: int = 0,
+          probe_chunk: int = 64) -> float:
+    """``Tr(H)`` of the operator.
+
+    Args:
+        method: ``"exact"`` — ``sum_i e_i^T H e_i`` over all ``p`` basis vectors (``p`` HVPs,
+            in chunks of ``probe_chunk``); ``"hutchinson"`` — ``(1/n) sum v^T H v`` with
+            Rademacher ``v`` (unbiased, curvlinops' ``hutchinson_trace``); ``"hutch++"`` —
+            Meyer et al. (2021) low-rank + Hutchinson (curvlinops' ``hutchpp_trace``, ``n_samples``
+            rounded up to a multiple of 3). If ``n_samples >= p`` the exact trace is cheaper and is
+            returned instead.
+        n_samples: matrix-vector products for the stochastic estimators.
+        seed: seeds the probe vectors (torch RNG forked, global state untouched).
+    """
+    from curvlinops import hutchinson_trace, hutchpp_trace
+
+    check_choice("trace method", method, TRACE_METHODS)
+    n_samples = check_int("n_samples", n_samples)
+    probe_chunk = check_int("probe_chunk", probe_chunk)
+    p = _n_params(op)
+    if method == "hutch++":
+        n_samples = 3 * math.ceil(n_samples / 3)
+    if method == "exact" or n_samples >= p:
+        total = 0.0
+        for sl in batches(p, probe_chunk):
+            m = sl.stop - sl.start
+            e = torch.zeros(p, m, dtype=op.dtype, device=op.device)
+            idx = torch.arange(sl.start, sl.stop)
+            e[idx, torch.arange(m)] = 1.0
+            total += float((op @ e)[idx, torch.arange(m)].sum())
+        return total
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        est = hutchinson_trace if method == "hutchinson" else hutchpp_trace
+        return float(est(op, n_samples))
+
+
+# -- one-call forms: build the operator, then apply the function above ---------------------------
 def hessian_top_eigenvalues(
     model: nn.Module,
     loss_fn: LossFn,
@@ -219,19 +352,9 @@ def hessian_top_eigenvalues(
     cache_graph: bool | None = None,
     seed: int = 0,
 ) -> Tensor:
-    """The ``k`` largest (algebraic) eigenvalues of the Hessian of the mean loss, descending.
+    """The ``k`` largest eigenvalues of the Hessian of the mean loss, descending.
 
-    ARPACK Lanczos (``eigsh(which="LA")``) on the curvlinops operator; ``tol`` is ARPACK's
-    relative accuracy of the Ritz values (0 = machine precision). For ``k >= p - 1`` the dense
-    Hessian is built and diagonalised instead (only sensible for tiny models).
-
-    Args:
-        model, loss_fn, inputs, targets: as in :func:`hessian_operator`.
-        k: number of eigenvalues, ``1 <= k <= p`` (``p`` = number of trainable parameters).
-        batch_size: examples per HVP chunk. dtype: compute dtype (default float64).
-        tol: ARPACK tolerance. ncv: Lanczos basis size (default ``max(2k+1, k+10)``).
-        hvp, cache_graph: HVP kernel options of :func:`hessian_operator`.
-        seed: seeds ARPACK's start vector (results are then reproducible).
+    :func:`hessian_operator` then :func:`top_eigenvalues` (see both for the arguments).
 
     Returns:
         float64 tensor ``[k]``, largest first.
@@ -239,8 +362,7 @@ def hessian_top_eigenvalues(
     check_positive("tol", tol, allow_zero=True)
     op = hessian_operator(model, loss_fn, inputs, targets, batch_size=batch_size, dtype=dtype,
                           hvp=hvp, cache_graph=cache_graph)
-    k = _check_k(k, _n_params(op))
-    return torch.from_numpy(_eigsh(op, k, "LA", tol, ncv, seed).copy())
+    return top_eigenvalues(op, k, tol=tol, ncv=ncv, seed=seed)
 
 
 def hessian_spectral_norm(
@@ -257,15 +379,11 @@ def hessian_spectral_norm(
     cache_graph: bool | None = None,
     seed: int = 0,
 ) -> float:
-    """``||H||_2 = max_i |lambda_i(H)|`` (ARPACK ``which="LM"``, one eigenvalue).
-
-    At a minimum ``H`` is (nearly) PSD and this is the largest eigenvalue, the study's
-    "spectral norm"; away from minima a large negative eigenvalue counts by its magnitude.
-    """
+    """``||H||_2`` of the mean-loss Hessian: :func:`hessian_operator` then :func:`spectral_norm`."""
     check_positive("tol", tol, allow_zero=True)
     op = hessian_operator(model, loss_fn, inputs, targets, batch_size=batch_size, dtype=dtype,
                           hvp=hvp, cache_graph=cache_graph)
-    return float(abs(_eigsh(op, 1, "LM", tol, ncv, seed)[0]))
+    return spectral_norm(op, tol=tol, ncv=ncv, seed=seed)
 
 
 def hessian_log_product_topk(
@@ -284,24 +402,11 @@ def hessian_log_product_topk(
     seed: int = 0,
     return_count: bool = False,
 ) -> float | tuple[float, int]:
-    """``sum_{i <= k, lambda_i > 0} log(lambda_i)``: log of the product of the top-k eigenvalues.
-
-    The study's "log product of the top-50 eigenvalues" (natural log). Only *positive*
-    eigenvalues among the ``k`` largest enter: if fewer than ``k`` are positive (a Hessian with
-    many zero/negative directions, e.g. a tiny network), the sum runs over the positive ones only
-    and ``return_count=True`` reports how many were used; if none is positive the result is
-    ``-inf``.
-
-    Returns:
-        the sum (float), or ``(sum, n_positive)`` with ``return_count=True``.
-    """
-    ev = hessian_top_eigenvalues(
-        model, loss_fn, inputs, targets, k, batch_size=batch_size, dtype=dtype, tol=tol,
-        ncv=ncv, hvp=hvp, cache_graph=cache_graph, seed=seed,
-    )
-    pos = ev[ev > 0]
-    val = float(torch.log(pos).sum()) if pos.numel() else -math.inf
-    return (val, int(pos.numel())) if return_count else val
+    """Log product of the top-k positive Hessian eigenvalues (see :func:`log_product_topk`)."""
+    check_positive("tol", tol, allow_zero=True)
+    op = hessian_operator(model, loss_fn, inputs, targets, batch_size=batch_size, dtype=dtype,
+                          hvp=hvp, cache_graph=cache_graph)
+    return log_product_topk(op, k, tol=tol, ncv=ncv, seed=seed, return_count=return_count)
 
 
 def hessian_trace(
@@ -319,38 +424,10 @@ def hessian_trace(
     seed: int = 0,
     probe_chunk: int = 64,
 ) -> float:
-    """``Tr(H)`` of the mean-loss Hessian.
-
-    Args:
-        method: ``"exact"`` — ``sum_i e_i^T H e_i`` over all ``p`` basis vectors (``p`` HVPs,
-            in chunks of ``probe_chunk``); ``"hutchinson"`` — ``(1/n) sum v^T H v`` with
-            Rademacher ``v`` (unbiased, curvlinops' ``hutchinson_trace``); ``"hutch++"`` —
-            Meyer et al. (2021) low-rank + Hutchinson (curvlinops' ``hutchpp_trace``, ``n_samples``
-            rounded up to a multiple of 3). If ``n_samples >= p`` the exact trace is cheaper and is
-            returned instead.
-        n_samples: matrix-vector products for the stochastic estimators.
-        seed: seeds the probe vectors (torch RNG forked, global state untouched).
-    """
-    from curvlinops import hutchinson_trace, hutchpp_trace
-
+    """``Tr(H)`` of the mean-loss Hessian: :func:`hessian_operator` then :func:`trace`."""
     check_choice("trace method", method, TRACE_METHODS)
-    n_samples = check_int("n_samples", n_samples)
-    probe_chunk = check_int("probe_chunk", probe_chunk)
+    check_int("n_samples", n_samples)
+    check_int("probe_chunk", probe_chunk)
     op = hessian_operator(model, loss_fn, inputs, targets, batch_size=batch_size, dtype=dtype,
                           hvp=hvp, cache_graph=cache_graph)
-    p = _n_params(op)
-    if method == "hutch++":
-        n_samples = 3 * math.ceil(n_samples / 3)
-    if method == "exact" or n_samples >= p:
-        total = 0.0
-        for sl in batches(p, probe_chunk):
-            m = sl.stop - sl.start
-            e = torch.zeros(p, m, dtype=op.dtype, device=op.device)
-            idx = torch.arange(sl.start, sl.stop)
-            e[idx, torch.arange(m)] = 1.0
-            total += float((op @ e)[idx, torch.arange(m)].sum())
-        return total
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        est = hutchinson_trace if method == "hutchinson" else hutchpp_trace
-        return float(est(op, n_samples))
+    return trace(op, method=method, n_samples=n_samples, seed=seed, probe_chunk=probe_chunk)

@@ -221,22 +221,16 @@ def keskar_sharpness(
     check_data(inputs, targets, model)
     check_positive("lr", lr)
     check_positive("tol", tol, allow_zero=True)
-    batch_size = check_int("batch_size", batch_size)
-    epochs = check_int("epochs", epochs)
-    patience = check_int("patience", patience)
-    lbfgs_maxiter = check_int("lbfgs_maxiter", lbfgs_maxiter)
+    batch_size, epochs, patience, lbfgs_maxiter = (
+        check_int(name, v) for name, v in (("batch_size", batch_size), ("epochs", epochs),
+                                           ("patience", patience),
+                                           ("lbfgs_maxiter", lbfgs_maxiter)))
     if eval_batch_size is not None:
         eval_batch_size = check_int("eval_batch_size", eval_batch_size)
     if method == "lbfgsb" and dtype is None:
         dtype = torch.float64  # scipy works in float64; float32 losses make its line search noisy
     net = eval_copy(model, dtype)
-    p_total = sum(p.numel() for _, p in trainable_named(net))
-    if subspace_dim is not None:
-        subspace_dim = check_int("subspace_dim", subspace_dim)
-        if subspace_dim > p_total:
-            raise FlatpriorError(
-                f"subspace_dim={subspace_dim} exceeds the number of parameters ({p_total})"
-            )
+    subspace_dim = _checked_subspace_dim(net, subspace_dim)
     t0 = time.perf_counter()
     prob = _Problem(net, loss_fn, subspace_dim, seed, float(eps))
     x, y = cast_data(inputs, targets, prob.dtype, prob.w0.device)
@@ -255,18 +249,24 @@ def keskar_sharpness(
     if not return_details:
         return value
     return SharpnessResult(
-        value=value,
-        max_loss=best,
-        base_loss=base,
-        curve=curve,
-        method=method,
-        eps=float(eps),
-        n_steps=steps,
-        wall_time_s=time.perf_counter() - t0,
+        value=value, max_loss=best, base_loss=base, curve=curve, method=method, eps=float(eps),
+        n_steps=steps, wall_time_s=time.perf_counter() - t0,
         best_delta=prob.delta(best_z).detach().to(torch.float64),
-        param_names=list(prob.names),
-        subspace_dim=subspace_dim,
+        param_names=list(prob.names), subspace_dim=subspace_dim,
     )
+
+
+def _checked_subspace_dim(net: nn.Module, subspace_dim: int | None) -> int | None:
+    """``subspace_dim`` if ``None`` or an integer in ``1..p`` (trainable parameters of ``net``)."""
+    if subspace_dim is None:
+        return None
+    subspace_dim = check_int("subspace_dim", subspace_dim)
+    p_total = sum(p.numel() for _, p in trainable_named(net))
+    if subspace_dim > p_total:
+        raise FlatpriorError(
+            f"subspace_dim={subspace_dim} exceeds the number of parameters ({p_total})"
+        )
+    return subspace_dim
 
 
 def _sgd_ascent(prob: _Problem, x: Tensor, y: Tensor, base: float, lr: float, batch_size: int,

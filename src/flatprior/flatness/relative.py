@@ -90,7 +90,7 @@ def relative_flatness(
     if not weight.requires_grad:
         raise FlatpriorError("that layer's weight has requires_grad=False; pick another layer")
     op = hessian_operator(
-        net, loss_fn, inputs, targets, batch_size=batch_size, params=[weight], _copy=net
+        net, loss_fn, inputs, targets, batch_size=batch_size, params=[weight], copy_model=False
     )
     with torch.no_grad():
         w = weight.detach().reshape(weight.shape[0], -1)

@@ -9,14 +9,21 @@ from torch import nn
 
 from flatprior.errors import FlatpriorError, check_positive
 
-WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
+#: the layers with a weight that layer indices count, everywhere in flatprior (alpha-scaling,
+#: relative flatness, FAM): ``linear_layers(model)[i]`` is "layer i"
+WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Modules f with f(a·x) = a·f(x) for a > 0: scaling passes through them unchanged.
 HOMOGENEOUS = (
     nn.ReLU,
     nn.MaxPool1d,
     nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
     nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
     nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
     nn.Flatten,
     nn.Identity,
     nn.Dropout,

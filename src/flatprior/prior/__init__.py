@@ -1,7 +1,12 @@
 """Function prior log P(f): NNGP kernels, EP for the orthant probability, exact references,
 the Boolean sampler and the PAC-Bayes bound."""
 
-from flatprior.prior.api import LOG_PRIOR_METHODS, function_log_prior, log_prior
+from flatprior.prior.api import (
+    LOG_PRIOR_METHODS,
+    LogPriorResult,
+    function_log_prior,
+    log_prior,
+)
 from flatprior.prior.boolean import (
     BooleanPrior,
     boolean_inputs,
@@ -19,13 +24,19 @@ from flatprior.prior.exact import (
     orthant_prob_closed_form,
 )
 from flatprior.prior.kernels import arccos_kernel, empirical_kernel
+from flatprior.prior.likelihoods import HeavisideLikelihood, ProbitLikelihood
+from flatprior.prior.tilting import TiltingResult, log_prior_tilting
 
 __all__ = [
     "LOG_PRIOR_METHODS",
     "BooleanPrior",
     "EPResult",
+    "HeavisideLikelihood",
+    "LogPriorResult",
     "MCOrthantResult",
     "OrthantResult",
+    "ProbitLikelihood",
+    "TiltingResult",
     "arccos_kernel",
     "boolean_inputs",
     "empirical_kernel",
@@ -36,6 +47,7 @@ __all__ = [
     "log_prior",
     "log_prior_ep",
     "log_prior_probit",
+    "log_prior_tilting",
     "mc_log_orthant_prob",
     "orthant_prob_closed_form",
     "pac_bayes_bound",

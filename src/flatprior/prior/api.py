@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from flatprior.errors import FlatpriorError, check_choice
 
-__all__ = ["LOG_PRIOR_METHODS", "log_prior", "function_log_prior"]
+__all__ = ["LOG_PRIOR_METHODS", "LogPriorResult", "log_prior", "function_log_prior"]
+
+
+@runtime_checkable
+class LogPriorResult(Protocol):
+    """What every :func:`log_prior` method returns (each adds its own diagnostics).
+
+    Attributes:
+        log_prob: the estimate of ``ln P(f)`` (natural log).
+        converged: whether the estimator met its own stopping rule / accuracy target.
+        std_err: standard error of ``log_prob`` (``None`` for a deterministic approximation
+            such as EP).
+        ci_low, ci_high: confidence interval of ``ln P(f)`` (``None`` when the method gives
+            none).
+    """
+
+    log_prob: float
+    converged: bool
+    std_err: float | None
+    ci_low: float | None
+    ci_high: float | None
 
 #: estimator name -> what it computes
 LOG_PRIOR_METHODS = {
@@ -28,7 +48,8 @@ def log_prior(K, y, method: str = "ep", **kwargs: Any):
         **kwargs: passed to the estimator.
 
     Returns:
-        The estimator's result object; every one has ``.log_prob`` (natural log).
+        The estimator's result, a :class:`LogPriorResult` (``log_prob``, ``converged``,
+        ``std_err``, ``ci_low``, ``ci_high``) with the method's own diagnostics besides.
     """
     check_choice("log-prior method", method, LOG_PRIOR_METHODS)
     if method == "ep":
@@ -43,10 +64,8 @@ def log_prior(K, y, method: str = "ep", **kwargs: Any):
         from flatprior.prior.exact import mc_log_orthant_prob
 
         return mc_log_orthant_prob(K, y, **kwargs)
-    try:
-        from flatprior.prior.tilting import log_prior_tilting
-    except ImportError as exc:  # written separately; report cleanly if absent
-        raise FlatpriorError(f"method 'tilting' is not available ({exc}); use 'ep'") from None
+    from flatprior.prior.tilting import log_prior_tilting
+
     return log_prior_tilting(K, y, **kwargs)
 
 

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from flatprior.errors import FlatpriorError, check_positive
+from flatprior.data.boolean import boolean_inputs  # the one definition (re-exported)
+from flatprior.errors import FlatpriorError, check_int, check_positive
 from flatprior.prior.exact import wilson_interval
 
 __all__ = [
@@ -43,16 +44,6 @@ __all__ = [
 ]
 
 _FORMAT_VERSION = 1
-
-
-def boolean_inputs(n_inputs: int) -> np.ndarray:
-    """All ``2^n_inputs`` points of ``{0,1}^n_inputs`` as ``float32 [N, n_inputs]``.
-
-    Row ``i`` holds the bits of ``i``, most significant first.
-    """
-    i = np.arange(2**n_inputs)[:, None]
-    shifts = np.arange(n_inputs - 1, -1, -1)[None, :]
-    return ((i >> shifts) & 1).astype(np.float32)
 
 
 def _pack(bits: np.ndarray) -> np.ndarray:
@@ -435,16 +426,13 @@ def sample_boolean_prior(
         raise FlatpriorError(f"widths must be (n_in, ..., 1) with positive sizes, got {widths}")
     if not 1 <= widths[0] <= 7:
         raise FlatpriorError(f"n_in = widths[0] must be in 1..7 (<= 128 points), got {widths[0]}")
-    if not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
-        raise FlatpriorError(f"n_samples must be an integer >= 1, got {n_samples!r}")
+    check_int("n_samples", n_samples, 1)
     check_positive("sigma_w", sigma_w, allow_zero=True)
     check_positive("sigma_b", sigma_b, allow_zero=True)
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise FlatpriorError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_int("batch_size", batch_size, 1)
     if n_workers is None:  # follow torch's thread count (1 inside our sweep workers)
         n_workers = torch.get_num_threads()
-    if not isinstance(n_workers, (int, np.integer)) or n_workers < 1:
-        raise FlatpriorError(f"n_workers must be an integer >= 1, got {n_workers!r}")
+    check_int("n_workers", n_workers, 1)
     n_chunks = -(-int(n_samples) // _CHUNK)
     chunks = iter([(min(_CHUNK, n_samples - i * _CHUNK), _chunk_seed(seed, i))
                    for i in range(n_chunks)])

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
-from flatprior.errors import FlatpriorError, check_positive
+from flatprior.errors import FlatpriorError, check_int, check_positive
 from flatprior.prior._validate import as_kernel_and_signs
 
 __all__ = [
@@ -39,6 +40,7 @@ class OrthantResult:
             batches, as reported by scipy's QMC integrator).
         rel_err: ``abs_err / prob`` (roughly the absolute error of ``log_prob``).
         n_points: integration points used.
+        converged: whether ``rel_err`` met the requested ``rel_tol``.
     """
 
     log_prob: float
@@ -46,6 +48,15 @@ class OrthantResult:
     abs_err: float
     rel_err: float
     n_points: int
+    converged: bool = True
+    # :class:`flatprior.prior.api.LogPriorResult`: no interval
+    ci_low: ClassVar[float | None] = None
+    ci_high: ClassVar[float | None] = None
+
+    @property
+    def std_err(self) -> float:
+        """Standard error of ``log_prob``: ``rel_err / 3`` (``abs_err`` is 3 standard errors)."""
+        return self.rel_err / 3.0
 
 
 @dataclass(frozen=True)
@@ -178,7 +189,7 @@ def exact_log_orthant_prob(
         raise FlatpriorError("orthant integration failed (non-finite result); check K")
     logp = math.log(prob) if prob > 0 else -math.inf
     return OrthantResult(logp, float(prob), float(err), float(err / prob) if prob > 0 else math.inf,
-                         used)
+                         used, converged=bool(prob > 0 and err <= rel_tol * prob))
 
 
 def mc_log_orthant_prob(
@@ -206,8 +217,7 @@ def mc_log_orthant_prob(
         jitter: relative diagonal jitter for the Cholesky factor.
     """
     K, y = as_kernel_and_signs(K, y)
-    if not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
-        raise FlatpriorError(f"n_samples must be an integer >= 1, got {n_samples!r}")
+    check_int("n_samples", n_samples, 1)
     n = K.shape[0]
     if batch is None:
         batch = max(1, (4 * 2**20) // n)

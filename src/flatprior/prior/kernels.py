@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from flatprior.errors import FlatpriorError, check_positive
+from flatprior.errors import FlatpriorError, check_int, check_positive
 
 __all__ = ["arccos_kernel", "empirical_kernel"]
 
@@ -105,29 +105,10 @@ def arccos_kernel(
             ``1e-4`` times the inputs' ``max(1 - cos(x_i, x_j))``, which happens when
             ``sigma_b2 >> sigma_w2``; ``ln P(f)`` of such a kernel is set by rounding/jitter.
     """
-    if not isinstance(depth, (int, np.integer)) or isinstance(depth, bool) or depth < 0:
-        raise FlatpriorError(f"depth must be an integer >= 0, got {depth!r}")
-    check_positive("sigma_w2", sigma_w2)
-    check_positive("sigma_b2", sigma_b2, allow_zero=True)
-    sw2, sb2 = float(sigma_w2), float(sigma_b2)
-    a = _as_matrix(x, "x")
-    b = a if x2 is None else _as_matrix(x2, "x2")
-    if b.shape[1] != a.shape[1]:
-        raise FlatpriorError(
-            f"x has {a.shape[1]} features per input but x2 has {b.shape[1]}; they must match"
-        )
+    a, b, sw2, sb2 = _kernel_inputs(x, x2, depth, sigma_w2, sigma_b2)
     d = a.shape[1]
-
-    def diag_chain(z: np.ndarray) -> list[np.ndarray]:
-        k = sb2 + sw2 * np.einsum("ij,ij->i", z, z) / d
-        chain = [k]
-        for _ in range(depth):
-            k = sb2 + 0.5 * sw2 * k
-            chain.append(k)
-        return chain
-
-    da, db = diag_chain(a), (diag_chain(b) if x2 is not None else None)
-    db = da if db is None else db
+    da = _diag_chain(a, depth, sw2, sb2)
+    db = da if x2 is None else _diag_chain(b, depth, sw2, sb2)
     if depth > 0 and (min(da[0].min(), db[0].min()) <= 0.0):
         raise FlatpriorError(
             "an input has zero prior variance (x = 0 with sigma_b2 = 0); use sigma_b2 > 0"
@@ -172,6 +153,30 @@ def arccos_kernel(
         _symmetrize_inplace(out)
         np.fill_diagonal(out, da[depth])
     return torch.from_numpy(out)
+
+
+def _kernel_inputs(x, x2, depth, sigma_w2, sigma_b2):
+    """Validated ``(a [n, d], b [m, d], sigma_w2, sigma_b2)`` (``b is a`` without ``x2``)."""
+    check_int("depth", depth, 0)
+    check_positive("sigma_w2", sigma_w2)
+    check_positive("sigma_b2", sigma_b2, allow_zero=True)
+    a = _as_matrix(x, "x")
+    b = a if x2 is None else _as_matrix(x2, "x2")
+    if b.shape[1] != a.shape[1]:
+        raise FlatpriorError(
+            f"x has {a.shape[1]} features per input but x2 has {b.shape[1]}; they must match"
+        )
+    return a, b, float(sigma_w2), float(sigma_b2)
+
+
+def _diag_chain(z: np.ndarray, depth: int, sw2: float, sb2: float) -> list[np.ndarray]:
+    """``K^(l)(x, x)`` for layers ``l = 0..depth`` (the ReLU recurrence on the diagonal)."""
+    k = sb2 + sw2 * np.einsum("ij,ij->i", z, z) / z.shape[1]
+    chain = [k]
+    for _ in range(depth):
+        k = sb2 + 0.5 * sw2 * k
+        chain.append(k)
+    return chain
 
 
 def _symmetrize_inplace(k: np.ndarray, block: int = 2048) -> np.ndarray:
@@ -223,8 +228,7 @@ def empirical_kernel(
     Returns:
         ``torch.float64`` tensor ``[n, n]``.
     """
-    if not isinstance(n_draws, (int, np.integer)) or n_draws < 1:
-        raise FlatpriorError(f"n_draws must be an integer >= 1, got {n_draws!r}")
+    check_int("n_draws", n_draws, 1)
     check_positive("sigma_w2", sigma_w2)
     check_positive("sigma_b2", sigma_b2, allow_zero=True)
     check_positive("chunk_size", chunk_size)

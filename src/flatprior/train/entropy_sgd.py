@@ -44,6 +44,7 @@ class EntropySGD(Optimizer):
         noise: float = 1e-4,
         alpha: float = 0.75,
         weight_decay: float = 0.0,
+        generator: torch.Generator | None = None,
     ):
         if lr <= 0 or inner_lr <= 0 or inner_steps < 1 or gamma <= 0 or not 0 < alpha <= 1:
             raise ValueError(
@@ -60,6 +61,8 @@ class EntropySGD(Optimizer):
             weight_decay=weight_decay,
         )
         super().__init__(params, defaults)
+        # source of the Langevin noise (None: torch's global generator)
+        self.generator = generator
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -82,7 +85,9 @@ class EntropySGD(Optimizer):
                     d = p.grad + g["weight_decay"] * p - gam * (x - p)
                     p.add_(d, alpha=-lr_in)
                     if g["noise"] > 0:
-                        p.add_(torch.randn_like(p), alpha=math.sqrt(lr_in) * g["noise"])
+                        noise = torch.randn(p.shape, generator=self.generator, dtype=p.dtype,
+                                            device=p.device)
+                        p.add_(noise, alpha=math.sqrt(lr_in) * g["noise"])
                     m.mul_(1 - a).add_(p, alpha=a)
         for g, xs, ms in zip(groups, x0, mu, strict=True):
             for p, x, m in zip(g["params"], xs, ms, strict=True):

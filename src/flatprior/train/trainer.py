@@ -24,7 +24,9 @@ from flatprior.errors import (
     check_finite_tensor,
     check_positive,
 )
+from flatprior.models.probe import forward_probe
 from flatprior.train.optimizers import make_optimizer
+from flatprior.train.stopping import Stop, StopRules
 
 Callback = Callable[[nn.Module, dict[str, Any]], Any]
 
@@ -190,23 +192,93 @@ def check_task(model: nn.Module, task: Task) -> None:
             )
     if len(task.y_train) == 0:
         raise FlatpriorError("the task has an empty training set; ask for n_train >= 1")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            probe = model(task.x_train[:1])
-    except (RuntimeError, ValueError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise FlatpriorError(
-            f"the model does not accept inputs of shape {list(task.x_train.shape[1:])} ({first}); "
-            "build it with make_model(name, task.input_shape)"
-        ) from None
-    finally:
-        model.train(was_training)
+    probe = forward_probe(model, task.x_train, "build it with make_model(name, task.input_shape)")
     if probe.numel() != 1:
         raise FlatpriorError(
             f"the model must output one logit per input, got {tuple(probe.shape)} for one input"
         )
+
+
+class _EpochStep:
+    """One epoch of mini-batch training on S ∪ A (shuffled by a seeded generator).
+
+    Holds what persists between epochs: the optimizer, the batch order's generator (also used
+    for augmentation) and the loss. Entropy-SGD's Langevin noise gets its own generator, seeded
+    like the batch order, so training touches no global RNG.
+    """
+
+    def __init__(self, model: nn.Module, task: Task, config: TrainConfig):
+        self.model, self.config = model, config
+        self.x_fit = torch.cat([task.x_train, task.x_attack])
+        self.y_fit = torch.cat([task.y_train, task.y_attack])
+        self.n = len(self.y_fit)
+        kwargs = dict(config.optimizer_kwargs)
+        self.needs_closure = config.optimizer == "entropy-sgd"
+        if self.needs_closure:
+            kwargs.setdefault("generator", torch.Generator().manual_seed(config.seed))
+        self.opt, spec = make_optimizer(config.optimizer, model.parameters(), config.lr, **kwargs)
+        self.batch = self.n if spec.full_batch else min(config.batch_size, self.n)
+        self.loss_fn = _loss_fn(config.loss_reduction)
+        self.gen = torch.Generator().manual_seed(config.seed)
+        self.fam = None
+        if config.fam_strength > 0:
+            from flatprior.flatness.relative import fam_regularizer
+
+            self.fam = fam_regularizer
+        self.drop_single = _has_batchnorm(model)
+
+    def _batch_loss(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        """Zero the gradients, then the loss of one batch (+ FAM) and its backward pass."""
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.model(xb).reshape(-1), yb)
+        if self.fam is not None:
+            loss = loss + self.config.fam_strength * self.fam(self.model, _loss_fn("mean"), xb,
+                                                              yb)
+        loss.backward()
+        return loss
+
+    def __call__(self, epoch: int) -> None:
+        """Train one epoch; raise :class:`FlatpriorError` if the loss becomes NaN/inf."""
+        self.model.train()
+        perm = torch.randperm(self.n, generator=self.gen)
+        for start in range(0, self.n, self.batch):
+            idx = perm[start : start + self.batch]
+            if self.drop_single and len(idx) == 1 and self.n > 1:
+                continue  # BatchNorm cannot normalise a batch of one example
+            xb, yb = self.x_fit[idx], self.y_fit[idx]
+            if self.config.augment and xb.dim() == 4:
+                xb = _augment(xb, self.gen)
+            if self.needs_closure:
+                loss = self.opt.step(lambda xb=xb, yb=yb: self._batch_loss(xb, yb))
+            else:
+                loss = self._batch_loss(xb, yb)
+                self.opt.step()
+            if not math.isfinite(loss.item()):
+                raise FlatpriorError(
+                    f"training loss became {loss.item()} at epoch {epoch}; lower the learning rate "
+                    f"(lr={self.opt.param_groups[0]['lr']})"
+                )
+
+
+def _epoch_metrics(model: nn.Module, task: Task, config: TrainConfig, epoch: int,
+                   epoch_time: float, phase: str) -> dict[str, Any]:
+    """The per-epoch record: losses and accuracies on S, A and E (eval mode)."""
+    tr_loss, tr_acc, tr_pred = evaluate(model, task.x_train, task.y_train)
+    _, at_acc, _ = evaluate(model, task.x_attack, task.y_attack)
+    te_loss, te_acc = (float("nan"), float("nan"))
+    if config.track_test:
+        te_loss, te_acc, _ = evaluate(model, task.x_test, task.y_test)
+    return {
+        "epoch": epoch,
+        "phase": phase,
+        "train_loss": tr_loss,
+        "train_acc": tr_acc,
+        "attack_acc": at_acc,
+        "test_acc": te_acc,
+        "test_loss": te_loss,
+        "epoch_time_s": epoch_time,
+        "constant": bool(tr_pred.min() == tr_pred.max()),
+    }
 
 
 def train(
@@ -223,54 +295,18 @@ def train(
     the batch). Per epoch the model is evaluated in eval mode and ``metrics`` — ``epoch``,
     ``phase`` (``"train"`` before zero error, ``"overtrain"`` after), ``train_loss``,
     ``train_acc``, ``attack_acc``, ``test_acc``, ``test_loss``, ``epoch_time_s`` — is passed to
-    every callback and appended to ``history``. Epoch 0 is the untrained network.
+    every callback and appended to ``history``. Epoch 0 is the untrained network. Training ends
+    by the rules of :mod:`flatprior.train.stopping` (zero error + overtraining, collapse, the
+    epoch cap) or when a callback returns ``"stop"``.
 
     Reproducible: the batch order (and augmentation, and Entropy-SGD noise) come from ``seed``.
     """
     config = (config or TrainConfig()).validate()
     check_task(model, task)
-    x_fit = torch.cat([task.x_train, task.x_attack])
-    y_fit = torch.cat([task.y_train, task.y_attack])
-    n = len(y_fit)
-    opt, spec = make_optimizer(
-        config.optimizer, model.parameters(), config.lr, **config.optimizer_kwargs
-    )
-    batch = n if spec.full_batch else min(config.batch_size, n)
-    loss_fn = _loss_fn(config.loss_reduction)
-    gen = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)  # Entropy-SGD's Langevin noise uses the global generator
-    needs_closure = config.optimizer == "entropy-sgd"
-    fam = None
-    if config.fam_strength > 0:
-        from flatprior.flatness.relative import fam_regularizer
-
-        fam = fam_regularizer
-    drop_single = _has_batchnorm(model)
+    step = _EpochStep(model, task, config)
+    rules = StopRules.from_config(config, has_attack=len(task.y_attack) > 0)
     history: list[dict[str, Any]] = []
     t_start = time.perf_counter()
-    zero_epoch: int | None = None
-    constant_streak = 0
-    status = "did_not_reach_zero_error"
-    message = ""
-
-    def measure(epoch: int, epoch_time: float) -> dict[str, Any]:
-        tr_loss, tr_acc, tr_pred = evaluate(model, task.x_train, task.y_train)
-        _, at_acc, _ = evaluate(model, task.x_attack, task.y_attack)
-        te_loss, te_acc = (float("nan"), float("nan"))
-        if config.track_test:
-            te_loss, te_acc, _ = evaluate(model, task.x_test, task.y_test)
-        m = {
-            "epoch": epoch,
-            "phase": "train" if zero_epoch is None else "overtrain",
-            "train_loss": tr_loss,
-            "train_acc": tr_acc,
-            "attack_acc": at_acc,
-            "test_acc": te_acc,
-            "test_loss": te_loss,
-            "epoch_time_s": epoch_time,
-            "constant": bool(tr_pred.min() == tr_pred.max()),
-        }
-        return m
 
     def emit(m: dict[str, Any]) -> bool:
         history.append(m)
@@ -281,77 +317,37 @@ def train(
             stop |= cb(model, m) == "stop"
         return stop
 
-    stopped = emit(measure(0, 0.0))
-    epoch = 0
-    total_cap = config.max_epochs
-    while not stopped and epoch < total_cap:
+    stopped = emit(_epoch_metrics(model, task, config, 0, 0.0, rules.phase))
+    epoch, stop = 0, None
+    while not stopped and stop is None:
         epoch += 1
         t0 = time.perf_counter()
-        model.train()
-        perm = torch.randperm(n, generator=gen)
-        for start in range(0, n, batch):
-            idx = perm[start : start + batch]
-            if drop_single and len(idx) == 1 and n > 1:
-                continue  # BatchNorm cannot normalise a batch of one example
-            xb, yb = x_fit[idx], y_fit[idx]
-            if config.augment and xb.dim() == 4:
-                xb = _augment(xb, gen)
-
-            def closure(xb=xb, yb=yb):
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn(model(xb).reshape(-1), yb)
-                if fam is not None:
-                    loss = loss + config.fam_strength * fam(model, _loss_fn("mean"), xb, yb)
-                loss.backward()
-                return loss
-
-            if needs_closure:
-                loss = opt.step(closure)
-            else:
-                loss = closure()
-                opt.step()
-            if not math.isfinite(loss.item()):
-                raise FlatpriorError(
-                    f"training loss became {loss.item()} at epoch {epoch}; lower the learning rate "
-                    f"(lr={opt.param_groups[0]['lr']})"
-                )
-        m = measure(epoch, time.perf_counter() - t0)
+        step(epoch)
+        m = _epoch_metrics(model, task, config, epoch, time.perf_counter() - t0, rules.phase)
         stopped = emit(m)
-        fitted = m["train_acc"] == 1.0 and (
-            config.zero_error_on == "train" or len(task.y_attack) == 0 or m["attack_acc"] == 1.0
-        )
-        if zero_epoch is None and fitted:
-            zero_epoch = epoch
-            status = "zero_error"
-            total_cap = epoch + config.overtrain_epochs
-            continue
-        if zero_epoch is None and config.collapse_patience:
-            constant_streak = constant_streak + 1 if m["constant"] else 0
-            if constant_streak >= config.collapse_patience:
-                status = "collapsed"
-                message = (
-                    f"collapsed: predicted one class for every training input for "
-                    f"{constant_streak} epochs (train accuracy {m['train_acc']:.3f}); lower the "
-                    "learning rate or change the optimizer"
-                )
-                break
-    if stopped and zero_epoch is None:
+        stop = rules(epoch, m)
+    return _result(task, config, rules, stop, stopped, epoch, history,
+                   time.perf_counter() - t_start)
+
+
+def _result(task: Task, config: TrainConfig, rules: StopRules, stop: Stop | None, stopped: bool,
+            epoch: int, history: list[dict[str, Any]], wall_time: float) -> TrainResult:
+    status, message = (stop.status, stop.message) if stop is not None else ("", "")
+    if rules.zero_error.epoch is not None:
+        status = "zero_error"
+    elif stopped:  # a callback's "stop" outranks the cap (and keeps a collapse message)
         status = "stopped"
-    if status == "did_not_reach_zero_error":
-        message = (
-            f"did not reach zero training error within {config.max_epochs} epochs (train "
-            f"accuracy {history[-1]['train_acc']:.4f}); raise max_epochs or the learning rate"
-        )
+        message = message if stop is not None and stop.status == "collapsed" else ""
     last = history[-1]
     return TrainResult(
         status=status,
-        epochs_to_zero_error=zero_epoch,
+        epochs_to_zero_error=rules.zero_error.epoch,
         epochs_trained=epoch,
         train_error=1.0 - last["train_acc"],
         attack_error=(1.0 - last["attack_acc"]) if len(task.y_attack) else 0.0,
         test_error=(1.0 - last["test_acc"]) if config.track_test else float("nan"),
         train_loss=last["train_loss"],
-        wall_time_s=time.perf_counter() - t_start,
+        wall_time_s=wall_time,
         history=history,
         message=message,
     )

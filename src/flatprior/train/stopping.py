@@ -1,0 +1,133 @@
+"""When training ends: stop rules checked after every epoch.
+
+A rule is a small object called as ``rule(epoch, metrics)`` after each epoch's evaluation, with
+``metrics`` the dict :func:`flatprior.train.train` records (``train_acc``, ``attack_acc``,
+``constant`` …); it returns a :class:`Stop` to end training or ``None`` to go on. Rules may keep
+state (a counter), so build fresh ones per training run. :class:`StopRules` combines the study's
+three — zero error (then optional overtraining), collapse and the epoch cap — in the order the
+trainer applies them. Other training loops (e.g. ensembles) can reuse the rules one by one::
+
+    rules = StopRules.from_config(config, has_attack=len(task.y_attack) > 0)
+    for epoch in range(1, ...):
+        ...  # one epoch, then metrics = {...}
+        if (stop := rules(epoch, metrics)) is not None:
+            break
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Collapse", "EpochCap", "Stop", "StopRules", "ZeroError"]
+
+Metrics = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Stop:
+    """The end of training: ``status`` as in :class:`flatprior.train.TrainResult`, and a
+    one-line ``message`` for the user (empty when nothing needs saying)."""
+
+    status: str
+    message: str = ""
+
+
+@dataclass
+class ZeroError:
+    """First epoch with zero training error, then ``overtrain_epochs`` more.
+
+    Attributes:
+        overtrain_epochs: epochs to continue after zero error.
+        needs_attack: also require 100 % accuracy on the attack set A (``zero_error_on =
+            "train+attack"`` with a non-empty A).
+        epoch: the first epoch with zero error (``None`` until then).
+    """
+
+    overtrain_epochs: int = 0
+    needs_attack: bool = False
+    epoch: int | None = None
+
+    def fitted(self, metrics: Metrics) -> bool:
+        """Whether the epoch's metrics show zero error on S (and on A if required)."""
+        return metrics["train_acc"] == 1.0 and (
+            not self.needs_attack or metrics["attack_acc"] == 1.0
+        )
+
+    def __call__(self, epoch: int, metrics: Metrics) -> Stop | None:
+        if self.epoch is None and self.fitted(metrics):
+            self.epoch = epoch
+        if self.epoch is not None and epoch >= self.epoch + self.overtrain_epochs:
+            return Stop("zero_error")
+        return None
+
+
+@dataclass
+class Collapse:
+    """The network predicts one class for every training input ``patience`` epochs running.
+
+    Reads ``metrics["constant"]``. ``patience = 0`` disables the rule.
+    """
+
+    patience: int = 200
+    streak: int = 0
+
+    def __call__(self, epoch: int, metrics: Metrics) -> Stop | None:
+        if not self.patience:
+            return None
+        self.streak = self.streak + 1 if metrics["constant"] else 0
+        if self.streak < self.patience:
+            return None
+        return Stop("collapsed", (
+            f"collapsed: predicted one class for every training input for {self.streak} "
+            f"epochs (train accuracy {metrics['train_acc']:.3f}); lower the learning rate or "
+            "change the optimizer"))
+
+
+@dataclass(frozen=True)
+class EpochCap:
+    """At most ``max_epochs`` epochs."""
+
+    max_epochs: int
+
+    def __call__(self, epoch: int, metrics: Metrics) -> Stop | None:
+        if epoch < self.max_epochs:
+            return None
+        return Stop("did_not_reach_zero_error", (
+            f"did not reach zero training error within {self.max_epochs} epochs (train "
+            f"accuracy {metrics['train_acc']:.4f}); raise max_epochs or the learning rate"))
+
+
+@dataclass
+class StopRules:
+    """Zero error first; before zero error also collapse, then the epoch cap.
+
+    Once zero error is reached only the overtraining count matters (the cap and the collapse
+    rule no longer apply), as in the study: a run that fits S always gets its overtraining.
+    """
+
+    zero_error: ZeroError
+    collapse: Collapse
+    cap: EpochCap
+
+    @classmethod
+    def from_config(cls, config, *, has_attack: bool) -> StopRules:
+        """Rules of a :class:`flatprior.train.TrainConfig` (``has_attack``: A is non-empty)."""
+        return cls(
+            ZeroError(config.overtrain_epochs,
+                      needs_attack=config.zero_error_on == "train+attack" and has_attack),
+            Collapse(config.collapse_patience),
+            EpochCap(config.max_epochs),
+        )
+
+    @property
+    def phase(self) -> str:
+        """``"train"`` before zero error, ``"overtrain"`` after."""
+        return "train" if self.zero_error.epoch is None else "overtrain"
+
+    def __call__(self, epoch: int, metrics: Metrics) -> Stop | None:
+        before = self.zero_error.epoch is None
+        stop = self.zero_error(epoch, metrics)
+        if stop is not None or not before or self.zero_error.epoch is not None:
+            return stop
+        return self.collapse(epoch, metrics) or self.cap(epoch, metrics)
