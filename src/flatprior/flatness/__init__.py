@@ -1,4 +1,5 @@
-"""Flatness measures: Keskar sharpness, Hessian spectrum/trace, relative flatness (and FAM).
+"""Flatness measures: Keskar sharpness, Hessian spectrum/trace, relative flatness (and FAM),
+adaptive sharpness, PAC-Bayes flatness, and the norm baselines (path norm, layer-norm products).
 
 All measures are pure functions of ``(model, loss_fn, inputs, targets)``: they work on a deep copy
 of the model in eval mode (float64 by default) and leave the model untouched.
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 
 from flatprior.errors import check_choice
 from flatprior.flatness._common import LossFn
+from flatprior.flatness.adaptive import AdaptiveSharpnessResult, adaptive_sharpness
 from flatprior.flatness.hessian import (
     hessian_log_product_topk,
     hessian_operator,
@@ -23,14 +25,20 @@ from flatprior.flatness.hessian import (
     hessian_trace,
 )
 from flatprior.flatness.keskar import SharpnessResult, keskar_sharpness
+from flatprior.flatness.norms import layer_norms, log_prod_frobenius, log_prod_spectral, path_norm
+from flatprior.flatness.pac_bayes_flatness import PacBayesFlatnessResult, pac_bayes_flatness
 from flatprior.flatness.relative import fam_regularizer, relative_flatness
 
-MEASURES = ("sharpness", "spectral_norm", "logprod_topk", "trace", "relative_flatness")
+MEASURES = ("sharpness", "spectral_norm", "logprod_topk", "trace", "relative_flatness",
+            "adaptive_worst", "adaptive_average", "pac_bayes_flatness", "pac_bayes_mag_flatness",
+            "path_norm", "log_prod_spectral", "log_prod_frobenius")
 
 __all__ = [
-    "MEASURES", "SharpnessResult", "fam_regularizer", "flatness_measures",
-    "hessian_log_product_topk", "hessian_operator", "hessian_spectral_norm",
-    "hessian_top_eigenvalues", "hessian_trace", "keskar_sharpness", "relative_flatness",
+    "MEASURES", "AdaptiveSharpnessResult", "PacBayesFlatnessResult", "SharpnessResult",
+    "adaptive_sharpness", "fam_regularizer", "flatness_measures", "hessian_log_product_topk",
+    "hessian_operator", "hessian_spectral_norm", "hessian_top_eigenvalues", "hessian_trace",
+    "keskar_sharpness", "layer_norms", "log_prod_frobenius", "log_prod_spectral",
+    "pac_bayes_flatness", "path_norm", "relative_flatness",
 ]
 
 
@@ -51,6 +59,15 @@ def flatness_measures(
     trace_method: str = "hutchinson",
     trace_samples: int = 100,
     relative_layer: int | nn.Module | None = None,
+    adaptive_norm: str = "linf",
+    adaptive_rho: float = 0.01,
+    adaptive_avg_rho: float = 0.1,
+    adaptive_iters: int = 20,
+    adaptive_m: int | None = None,
+    adaptive_samples: int = 100,
+    pac_bayes_target: float = 0.1,
+    pac_bayes_metric: str = "loss",
+    pac_bayes_samples: int = 10,
     batch_size: int | None = 1024,
     dtype: torch.dtype | None = torch.float64,
     seed: int = 0,
@@ -66,6 +83,16 @@ def flatness_measures(
       used): :func:`hessian_log_product_topk` (natural log);
     - ``trace`` (+ ``trace_method``): :func:`hessian_trace`;
     - ``relative_flatness``: :func:`relative_flatness` of ``relative_layer`` (default: last layer).
+    - ``adaptive_worst``: :func:`adaptive_sharpness`, ``kind="worst"``, ``adaptive_norm`` ball of
+      radius ``adaptive_rho`` scaled by ``|w|``, ``adaptive_iters`` APGD steps, m-sharpness with
+      ``adaptive_m`` (+ ``adaptive_worst_norm``, ``adaptive_worst_rho``);
+    - ``adaptive_average``: :func:`adaptive_sharpness`, ``kind="average"``, Gaussian
+      ``u ~ N(0, adaptive_avg_rho^2)`` scaled by ``|w|`` (l2), ``adaptive_samples`` draws
+      (+ ``adaptive_average_ci_low``/``_ci_high``, ``adaptive_average_rho``);
+    - ``pac_bayes_flatness`` / ``pac_bayes_mag_flatness``: :func:`pac_bayes_flatness` (plain /
+      magnitude-aware) ``1/sigma'^2`` with ``pac_bayes_target``, ``pac_bayes_metric``,
+      ``pac_bayes_samples`` (+ ``<key>_ci_low``/``_ci_high``, ``<key>_sigma``);
+    - ``path_norm``, ``log_prod_spectral``, ``log_prod_frobenius``: :mod:`.norms`.
 
     Args:
         loss_fn: mean loss; default ``BCEWithLogitsLoss()`` (one logit, float 0/1 targets whose
@@ -113,10 +140,45 @@ def flatness_measures(
             )
             out["trace_method"] = trace_method
             key = "trace"
-        else:
+        elif name == "relative_flatness":
             out["relative_flatness"] = relative_flatness(
                 model, loss_fn, inputs, targets, relative_layer, **common
             )
             key = "relative_flatness"
+        elif name == "adaptive_worst":
+            key = name
+            out[key] = adaptive_sharpness(
+                model, loss_fn, inputs, targets, adaptive_rho, adaptive_norm, "worst", True,
+                adaptive_m, n_iters=adaptive_iters, eval_batch_size=batch_size, dtype=dtype,
+                seed=seed,
+            )
+            out.update(adaptive_worst_norm=adaptive_norm, adaptive_worst_rho=float(adaptive_rho))
+        elif name == "adaptive_average":
+            key = name
+            res = adaptive_sharpness(
+                model, loss_fn, inputs, targets, adaptive_avg_rho, "l2", "average", True,
+                n_samples=adaptive_samples, eval_batch_size=batch_size, dtype=dtype, seed=seed,
+                return_details=True,
+            )
+            out.update({key: res.value, f"{key}_ci_low": res.ci[0], f"{key}_ci_high": res.ci[1],
+                        f"{key}_rho": float(adaptive_avg_rho)})
+        elif name in ("pac_bayes_flatness", "pac_bayes_mag_flatness"):
+            key = name
+            res = pac_bayes_flatness(
+                model, loss_fn, inputs, targets, pac_bayes_target,
+                name == "pac_bayes_mag_flatness", metric=pac_bayes_metric,
+                n_samples=pac_bayes_samples, eval_batch_size=batch_size, seed=seed,
+                return_details=True,
+            )
+            out.update({key: res.value, f"{key}_ci_low": res.value_ci[0],
+                        f"{key}_ci_high": res.value_ci[1], f"{key}_sigma": res.sigma})
+        else:
+            key = name
+            if name == "path_norm":
+                out[key] = path_norm(model, tuple(inputs.shape[1:]))
+            elif name == "log_prod_spectral":
+                out[key] = log_prod_spectral(model)
+            else:
+                out[key] = log_prod_frobenius(model)
         out[f"{key}_time_s"] = time.perf_counter() - t0
     return out

@@ -239,7 +239,6 @@ def train(
     loss_fn = _loss_fn(config.loss_reduction)
     gen = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)  # Entropy-SGD's Langevin noise uses the global generator
-    needs_closure = config.optimizer == "entropy-sgd"
     fam = None
     if config.fam_strength > 0:
         from flatprior.flatness.relative import fam_regularizer
@@ -305,8 +304,11 @@ def train(
                 loss.backward()
                 return loss
 
-            if needs_closure:
+            if spec.step_style == "closure":
                 loss = opt.step(closure)
+            elif spec.step_style == "sam":
+                loss = closure()  # gradient at w (and the loss reported), then the SAM step
+                opt.step(closure)
             else:
                 loss = closure()
                 opt.step()
