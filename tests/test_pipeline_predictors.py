@@ -66,3 +66,21 @@ def test_sam_rho_reaches_the_optimizer(monkeypatch):
     run(dict(dataset="digits", n_train=40, n_test=20, optimizer="sam", sam_rho=0.0,
              measures=(), max_epochs=3))
     assert seen["kw"] == {"rho": 0.0}
+
+
+def test_predictors_and_sam_specs():
+    from flatprior.experiments.specs import resolve
+    from flatprior.flatness import MEASURES as FLAT
+
+    r = resolve("predictors", "quick", None)
+    assert r.n_runs == 32
+    axes = {"optimizer", "lr", "batch_size", "hidden", "n_attack"}
+    for a in axes:
+        assert len({getattr(c, a) for c in r.configs}) == 2, a
+    c = r.configs[0]
+    assert c.dataset == "digits" and set(c.measures) >= set(NEW) | {
+        "log_prior", "pac_bayes", "sharpness", "spectral_norm", "relative_flatness"}
+    assert set(NEW) <= set(FLAT)
+    s = resolve("sam", "quick", None)
+    assert {c.sam_rho for c in s.configs} == {0.0, 0.02, 0.05, 0.1, 0.2}
+    assert {c.optimizer for c in s.configs} == {"sam"} and len({c.n_attack for c in s.configs}) > 1
