@@ -125,14 +125,15 @@ def train(
         out.print(f"[yellow]note:[/] {note}")
 
 
-def _print_correlations(table, title: str) -> None:
-    """A correlation table (long form from ``correlation_table``) as a rich table on stdout."""
+def _print_correlations(table, title: str, granulated=None) -> None:
+    """A correlation table (long form from ``correlation_table``) as a rich table on stdout;
+    with ``granulated`` (``granulated_table``) its Ψ and per-axis τ's beside Kendall's τ."""
     from flatprior.analysis import wide_table
 
     if table is None or table.empty:
         out.print(f"[yellow]{title}: not enough zero-error runs with measures to correlate[/]")
         return
-    w = wide_table(table)
+    w = wide_table(table, granulated=granulated)
     t = Table(title=title)
     for c in w.columns:
         t.add_column(str(c), justify="left" if c in ("measure", "versus") else "right",
@@ -266,6 +267,9 @@ def report_cmd(
                     if s.info.get("analysis") == "boolean" else "correlation with generalization")
             if s.info.get("analysis") != "epochs":
                 _print_correlations(s.correlations, f"{s.label}: {what}")
+            if not s.granulated.empty:
+                _print_correlations(s.pooled, f"{s.label}: pooled τ and granulated Kendall Ψ "
+                                    "(ranked)", s.granulated)
     if export is not None:
         from flatprior.experiments.store import Store
 
