@@ -17,7 +17,14 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from flatprior.errors import FlatpriorError
 
@@ -31,9 +38,9 @@ MEASURES = FLATNESS_MEASURES + PRIOR_MEASURES
 NON_KEY_FIELDS = ("data_root",)
 # Fields added after runs were first stored: in the key only when set away from their default,
 # so the keys (and resumability) of existing result databases do not change.
-LATER_FIELDS = ("sam_rho", "adaptive_norm", "adaptive_rho", "adaptive_avg_rho", "adaptive_iters",
-                "adaptive_m", "adaptive_samples", "pac_bayes_target", "pac_bayes_metric",
-                "pac_bayes_samples")
+LATER_FIELDS = ("data_path", "label_column", "sam_rho", "adaptive_norm", "adaptive_rho",
+                "adaptive_avg_rho", "adaptive_iters", "adaptive_m", "adaptive_samples",
+                "pac_bayes_target", "pac_bayes_metric", "pac_bayes_samples")
 
 
 class RunConfig(BaseModel):
@@ -45,6 +52,8 @@ class RunConfig(BaseModel):
     # data
     dataset: str = "digits"
     data_root: str | None = None
+    data_path: str | None = None  # dataset "file": your .npz / .csv (flatprior.data.files)
+    label_column: str = "label"  # dataset "file", .csv: the label column
     n_train: int = Field(500, ge=1)
     n_attack: int = Field(0, ge=0)
     n_test: int | None = Field(1000, ge=0)
@@ -134,6 +143,14 @@ class RunConfig(BaseModel):
             raise ValueError(f"unknown optimizer {v!r}; choose one of {sorted(OPTIMIZERS)}")
         return v
 
+    @model_validator(mode="after")
+    def _file_needs_path(self):
+        if self.dataset == "file" and not self.data_path:
+            raise ValueError("dataset 'file' needs data_path (a .npz with arrays x, y or a .csv)")
+        if self.dataset != "file" and self.data_path:
+            raise ValueError(f"data_path is only read with dataset='file' (got {self.dataset!r})")
+        return self
+
     def key(self) -> str:
         """16-hex-digit hash of the config (without paths): the run's identity in a store."""
         d = self.model_dump(mode="json", exclude=set(NON_KEY_FIELDS))
@@ -188,6 +205,8 @@ def build_task(cfg: RunConfig):
         cfg.seed if cfg.data_seed is None else cfg.data_seed,
         cfg.data_root,
         target=cfg.boolean_target,
+        data_path=cfg.data_path,
+        label_column=cfg.label_column,
     )
 
 
