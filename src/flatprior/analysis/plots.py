@@ -222,8 +222,8 @@ def psi_figure(table: pd.DataFrame, *, title: str | None = None) -> Figure:
                 label="Ψ (95 % bootstrap CI)")
     ax.axvline(0, color="grey", lw=0.8)
     ax.set_yticks(ypos, [label(m) for m in t["measure"]])
-    ax.set_xlim(-1.05, 1.05)
+    ax.set_xlim(-1.08, 1.08)
     ax.set_xlabel("Kendall τ with the generalization error")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(title or "Predictors ranked by granulated Kendall Ψ", fontsize=10)
     return fig
