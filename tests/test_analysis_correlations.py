@@ -213,3 +213,17 @@ def test_granulated_table_ranks_by_expected_sign_and_shows_beside_pooled_tau():
                                 "spearman"]
     row = wt[wt.measure == "log_prior"].iloc[0]
     assert row["kendall"] == "-0.73" and row["Ψ"] == "-0.67"
+
+
+def test_psi_figure_lists_the_measures_in_rank_order():
+    from flatprior.analysis.correlations import granulated_table
+    from flatprior.analysis.plots import psi_figure, to_png
+
+    df = hand_grid()
+    df["log_prior"] = -df["m"]
+    df["sharpness"] = [3.0, 1.0, 2.0, 1.0, 3.0, 2.0]
+    t = granulated_table(df, n_boot=50)
+    fig = psi_figure(t)
+    labels = [tk.get_text() for tk in fig.axes[0].get_yticklabels()]
+    assert labels[::-1] == ["log P(f)", "sharpness"]  # best at the top
+    assert to_png(fig)[:4] == b"\x89PNG"
