@@ -63,7 +63,7 @@ def train(
     n_attack: Annotated[int, typer.Option(help="|A| (labels flipped)")] = 0,
     n_test: Annotated[int, typer.Option(help="|E|")] = 1000,
     model: Annotated[str, typer.Option(help="fcn | cnn | resnet18 | resnet50")] = "fcn",
-    optimizer: Annotated[str, typer.Option(help="sgd, momentum, adam, …")] = "sgd",
+    optimizer: Annotated[str, typer.Option(help="sgd, momentum, adam, sam, asam, …")] = "sgd",
     lr: Annotated[float | None, typer.Option(help="learning rate (default per optimizer)")] = None,
     batch_size: int = 128,
     max_epochs: int = 2000,
@@ -73,7 +73,9 @@ def train(
         str,
         typer.Option(
             help="comma list of sharpness, spectral_norm, logprod_topk, trace, "
-            "relative_flatness, log_prior, pac_bayes; or 'none'"
+            "relative_flatness, adaptive_worst, adaptive_average, pac_bayes_flatness, "
+            "pac_bayes_mag_flatness, path_norm, log_prod_spectral, log_prod_frobenius, "
+            "log_prior, pac_bayes; or 'none'"
         ),
     ] = "sharpness,log_prior,pac_bayes",
     sharpness_eps: float = 1e-4,
