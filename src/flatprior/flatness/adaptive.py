@@ -135,7 +135,8 @@ def _worst_chunk(prob: _Problem, c: Tensor, x: Tensor, y: Tensor, rho: float, no
     eta = step0
     f, g = prob.full_loss_and_grad(c * u, x, y, eval_bs)
     g = g * c  # dL/du
-    best_f, best_u, best_g = max(f, base), u.clone(), g.clone()
+    # the ascent's best point (restarts go back to it); delta = 0 (base) enters only the result
+    best_f, best_u, best_g = f, u.clone(), g.clone()
     u_prev = u.clone()
     u = _project(u + eta * _direction(g, norm), rho, norm)
     f_prev = f
@@ -161,7 +162,7 @@ def _worst_chunk(prob: _Problem, c: Tensor, x: Tensor, y: Tensor, rho: float, no
         z = _project(u + eta * _direction(g, norm), rho, norm)
         u, u_prev = _project(u + MOMENTUM * (z - u) + (1 - MOMENTUM) * (u - u_prev), rho,
                              norm), u
-    return base, best_f, halvings
+    return base, max(best_f, base), halvings
 
 
 def adaptive_sharpness(
