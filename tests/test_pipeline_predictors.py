@@ -84,3 +84,11 @@ def test_predictors_and_sam_specs():
     s = resolve("sam", "quick", None)
     assert {c.sam_rho for c in s.configs} == {0.0, 0.02, 0.05, 0.1, 0.2}
     assert {c.optimizer for c in s.configs} == {"sam"} and len({c.n_attack for c in s.configs}) > 1
+
+
+def test_later_defaults_match_the_pipeline():
+    import _fake_runs
+    from flatprior.pipeline import RunConfig
+
+    assert _fake_runs.LATER_DEFAULTS == {f: RunConfig.model_fields[f].default
+                                         for f in LATER_FIELDS}
