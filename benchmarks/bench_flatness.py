@@ -5,9 +5,13 @@
 (b) Top Hessian eigenvalue in float64: flatprior (curvlinops operator + scipy ARPACK eigsh) vs
     PyHessian (power iteration) and hessian-eigenthings (Lanczos), both optional; same value to
     1e-6 relative against a machine-precision eigsh reference; time ratios printed.
+(c) Adaptive sharpness (worst case: APGD, linf, rho 0.01, 20 iterations, float64; average case:
+    100 Gaussian draws) and PAC-Bayes flatness (10 draws per sigma, float32; plain and
+    magnitude-aware, with and without the confidence-interval bisections), in training epochs.
+    Goals (issue 16): adaptive worst case <= 100 epochs, PAC-Bayes flatness <= 200 epochs.
 
-Run: ``python benchmarks/bench_flatness.py [--quick] [--threads N]`` (``--threads 0``: torch's
-default thread count).
+Run: ``python benchmarks/bench_flatness.py [--quick] [--new-only] [--threads N]``
+(``--threads 0``: torch's default thread count; ``--new-only``: (c) only).
 """
 
 from __future__ import annotations
@@ -21,7 +25,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from flatprior.flatness import hessian_top_eigenvalues, keskar_sharpness
+from flatprior.flatness import (
+    adaptive_sharpness,
+    hessian_top_eigenvalues,
+    keskar_sharpness,
+    pac_bayes_flatness,
+)
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 BCE = nn.BCEWithLogitsLoss()
@@ -108,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="torch intra-op threads (default 1: on the shared 2-core machine two "
                          "threads thrashed, 10-100x slower; 0 = torch's own choice)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--new-only", action="store_true",
+                    help="only (c): adaptive sharpness and PAC-Bayes flatness")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,6 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"FCN 784-40-40-1 (p = {p}), |S| = {n}, torch threads = {torch.get_num_threads()}")
     print(f"training: zero error after {epochs} epochs; one epoch = {t_epoch * 1e3:.2f} ms")
 
+    if args.new_only:
+        bench_new_measures(net, x, y, t_epoch, repeat)
+        return
     # (a) sharpness cost in training epochs
     print("\n(a) Keskar sharpness, eps = 1e-4 (float64 unless noted)")
     runs = [
@@ -181,6 +195,33 @@ def main(argv: list[str] | None = None) -> None:
               f"other {best_other:.3f} s -> other / flatprior = {best_other / ours_t:.2f}")
     else:
         print("  no other package reached 1e-6 relative accuracy")
+    bench_new_measures(net, x, y, t_epoch, repeat)
+
+
+def bench_new_measures(net, x, y, t_epoch: float, repeat: int) -> None:
+    """(c): the issue-16 measures at the pipeline's defaults, in training epochs."""
+    print("\n(c) adaptive sharpness and PAC-Bayes flatness at the pipeline defaults")
+    runs = [
+        ("adaptive worst linf rho .01 20 it", 100,
+         lambda: adaptive_sharpness(net, BCE, x, y, 0.01, "linf", "worst")),
+        ("adaptive worst l2 rho .01 20 it", 100,
+         lambda: adaptive_sharpness(net, BCE, x, y, 0.01, "l2", "worst")),
+        ("adaptive average l2 rho .1 100 dr", None,
+         lambda: adaptive_sharpness(net, BCE, x, y, 0.1, "l2", "average")),
+        ("pac-bayes flatness (value only)", 200,
+         lambda: pac_bayes_flatness(net, BCE, x, y)),
+        ("pac-bayes flatness + CI", 200,
+         lambda: pac_bayes_flatness(net, BCE, x, y, return_details=True).value),
+        ("pac-bayes mag. flatness + CI", 200,
+         lambda: pac_bayes_flatness(net, BCE, x, y, magnitude_aware=True,
+                                    return_details=True).value),
+    ]
+    print(f"  {'measure':34s} {'value':>11s} {'time s':>8s} {'x epoch':>9s} {'goal':>6s}")
+    for name, goal, fn in runs:
+        val, t = timed(fn, repeat)
+        verdict = "" if goal is None else ("ok" if t / t_epoch <= goal else "MISSED")
+        print(f"  {name:34s} {val:11.5g} {t:8.3f} {t / t_epoch:9.1f} "
+              f"{'' if goal is None else f'<={goal}':>6s} {verdict}")
 
 
 if __name__ == "__main__":

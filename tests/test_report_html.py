@@ -70,12 +70,19 @@ def test_report_content(report, db):
     out, page, sections = report
     assert [s.label for s in sections] == ["fig4@quick", "fig5@quick", "fig2-boolean@quick"]
     imgs = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
-    assert len(imgs) == 3 and all(base64.b64decode(i)[:4] == b"\x89PNG" for i in imgs)
+    # fig4 sweeps optimizer x |A|: its Psi figure is the 4th image
+    assert len(imgs) == 4 and all(base64.b64decode(i)[:4] == b"\x89PNG" for i in imgs)
     assert not re.search(r"(src|href)=['\"]?(https?:|//|file:)", page)  # self-contained
     # correlation table of fig4: per optimizer, numbers equal to the analysis
     att = sections[0].correlations
     assert set(att["optimizer"]) == {"sgd", "adam", "entropy-sgd"}
     assert set(att["n"]) == {4}  # odd seeds failed in flaky_run
+    # granulated Kendall over the two swept axes beside the pooled tau
+    gr = sections[0].granulated
+    assert {"tau_optimizer", "tau_n_attack"} <= set(gr.columns) and set(gr["n"]) == {12}
+    assert set(sections[0].pooled["n"]) == {12}
+    assert "Granulated Kendall Ψ beside the pooled τ" in page
+    assert sections[1].granulated.empty and sections[2].granulated.empty
     # the config of every run, the failures with their error text, the versions
     with Store(db, readonly=True) as st:
         for rec in st.records():

@@ -52,13 +52,18 @@ def _epoch_progress(total: int):
 
 @app.command()
 def train(
-    dataset: Annotated[str, typer.Option(help="boolean | digits | mnist | cifar10")] = "digits",
+    dataset: Annotated[
+        str, typer.Option(help="boolean | digits | mnist | cifar10 | file")] = "digits",
     data_root: Annotated[Path | None, typer.Option(help="folder with MNIST/CIFAR files")] = None,
+    data_path: Annotated[
+        Path | None, typer.Option(help="your .npz (x, y) or .csv file (sets --dataset file)")
+    ] = None,
+    label_column: Annotated[str, typer.Option(help="label column of a .csv data file")] = "label",
     n_train: Annotated[int, typer.Option(help="|S|")] = 500,
     n_attack: Annotated[int, typer.Option(help="|A| (labels flipped)")] = 0,
     n_test: Annotated[int, typer.Option(help="|E|")] = 1000,
     model: Annotated[str, typer.Option(help="fcn | cnn | resnet18 | resnet50")] = "fcn",
-    optimizer: Annotated[str, typer.Option(help="sgd, momentum, adam, …")] = "sgd",
+    optimizer: Annotated[str, typer.Option(help="sgd, momentum, adam, sam, asam, …")] = "sgd",
     lr: Annotated[float | None, typer.Option(help="learning rate (default per optimizer)")] = None,
     batch_size: int = 128,
     max_epochs: int = 2000,
@@ -68,7 +73,9 @@ def train(
         str,
         typer.Option(
             help="comma list of sharpness, spectral_norm, logprod_topk, trace, "
-            "relative_flatness, log_prior, pac_bayes; or 'none'"
+            "relative_flatness, adaptive_worst, adaptive_average, pac_bayes_flatness, "
+            "pac_bayes_mag_flatness, path_norm, log_prod_spectral, log_prod_frobenius, "
+            "log_prior, pac_bayes; or 'none'"
         ),
     ] = "sharpness,log_prior,pac_bayes",
     sharpness_eps: float = 1e-4,
@@ -86,8 +93,10 @@ def train(
     from flatprior.pipeline import make_config, run
 
     cfg = make_config(
-        dataset=dataset,
+        dataset="file" if data_path is not None else dataset,
         data_root=str(data_root) if data_root else None,
+        data_path=str(data_path.expanduser().resolve()) if data_path is not None else None,
+        label_column=label_column,
         n_train=n_train,
         n_attack=n_attack,
         n_test=n_test,
@@ -125,14 +134,15 @@ def train(
         out.print(f"[yellow]note:[/] {note}")
 
 
-def _print_correlations(table, title: str) -> None:
-    """A correlation table (long form from ``correlation_table``) as a rich table on stdout."""
+def _print_correlations(table, title: str, granulated=None) -> None:
+    """A correlation table (long form from ``correlation_table``) as a rich table on stdout;
+    with ``granulated`` (``granulated_table``) its Ψ and per-axis τ's beside Kendall's τ."""
     from flatprior.analysis import wide_table
 
     if table is None or table.empty:
         out.print(f"[yellow]{title}: not enough zero-error runs with measures to correlate[/]")
         return
-    w = wide_table(table)
+    w = wide_table(table, granulated=granulated)
     t = Table(title=title)
     for c in w.columns:
         t.add_column(str(c), justify="left" if c in ("measure", "versus") else "right",
@@ -142,7 +152,8 @@ def _print_correlations(table, title: str) -> None:
     (out if out.is_terminal else Console(width=200)).print(t)  # pipes/files: no wrapped numbers
 
 
-def _resolve_cli(spec, variant, preset, sets, config, data_root):
+def _resolve_cli(spec, variant, preset, sets, config, data_root, data_path=None,
+                 label_column=None):
     from flatprior.experiments.specs import load_overrides, parse_sets, resolve
 
     overrides = {}
@@ -151,6 +162,10 @@ def _resolve_cli(spec, variant, preset, sets, config, data_root):
     overrides.update(parse_sets(sets or []))
     if data_root is not None:
         overrides["data_root"] = str(data_root)
+    if data_path is not None:
+        overrides.update(dataset="file", data_path=str(Path(data_path).expanduser().resolve()))
+    if label_column is not None:
+        overrides["label_column"] = label_column
     return resolve(spec, preset, variant, overrides)
 
 
@@ -176,6 +191,12 @@ def run_cmd(
         Path | None, typer.Option(help="TOML file of overrides (field = value, [sweep] table)")
     ] = None,
     data_root: Annotated[Path | None, typer.Option(help="folder with MNIST/CIFAR files")] = None,
+    data_path: Annotated[
+        Path | None, typer.Option(help="your .npz (x, y) or .csv file (sets dataset = file)")
+    ] = None,
+    label_column: Annotated[
+        str | None, typer.Option(help="label column of a .csv data file (default: label)")
+    ] = None,
     retry_failed: Annotated[bool, typer.Option(help="re-run runs stored as failed")] = False,
     dry_run: Annotated[bool, typer.Option(help="validate and show the sweep, run nothing")] = False,
     progress: Annotated[bool, typer.Option(help="show the progress bar")] = True,
@@ -187,7 +208,7 @@ def run_cmd(
 
     if workers is not None and workers < 1:
         raise FlatpriorError(f"--workers must be >= 1, got {workers}")
-    res = _resolve_cli(spec, variant, preset, sets, config, data_root)
+    res = _resolve_cli(spec, variant, preset, sets, config, data_root, data_path, label_column)
     fn = import_run_fn(run_fn) if run_fn else None
     sweep = ", ".join(f"{k} ({len(v)})" for k, v in res.sweep.items()) or "none"
     err.print(f"{res.label}: {len(res.configs)} runs; sweep over {sweep}")
@@ -269,6 +290,9 @@ def report_cmd(
                     if s.info.get("analysis") == "boolean" else "correlation with generalization")
             if s.info.get("analysis") != "epochs":
                 _print_correlations(s.correlations, f"{s.label}: {what}")
+            if not s.granulated.empty:
+                _print_correlations(s.pooled, f"{s.label}: pooled τ and granulated Kendall Ψ "
+                                    "(ranked)", s.granulated)
     if export is not None:
         from flatprior.experiments.store import Store
 

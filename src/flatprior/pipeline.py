@@ -16,18 +16,31 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from flatprior._versions import versions  # noqa: F401  (also flatprior.pipeline.versions)
 from flatprior.errors import FlatpriorError
 
-FLATNESS_MEASURES = (
-    "sharpness", "sharpness_lbfgsb", "spectral_norm", "logprod_topk", "trace", "relative_flatness"
-)
+FLATNESS_MEASURES = ("sharpness", "sharpness_lbfgsb", "spectral_norm", "logprod_topk", "trace",
+                     "relative_flatness", "adaptive_worst", "adaptive_average",
+                     "pac_bayes_flatness", "pac_bayes_mag_flatness", "path_norm",
+                     "log_prod_spectral", "log_prod_frobenius")
 PRIOR_MEASURES = ("log_prior", "pac_bayes")
 MEASURES = FLATNESS_MEASURES + PRIOR_MEASURES
 # Fields that say where things are, not what is computed: left out of the run key.
 NON_KEY_FIELDS = ("data_root",)
+# Fields added after runs were first stored: in the key only when set away from their default,
+# so the keys (and resumability) of existing result databases do not change.
+LATER_FIELDS = ("data_path", "label_column", "sam_rho", "adaptive_norm", "adaptive_rho",
+                "adaptive_avg_rho", "adaptive_iters", "adaptive_m", "adaptive_samples",
+                "pac_bayes_target", "pac_bayes_metric", "pac_bayes_samples")
 
 
 class RunConfig(BaseModel):
@@ -39,6 +52,8 @@ class RunConfig(BaseModel):
     # data
     dataset: str = "digits"
     data_root: str | None = None
+    data_path: str | None = None  # dataset "file": your .npz / .csv (flatprior.data.files)
+    label_column: str = "label"  # dataset "file", .csv: the label column
     n_train: int = Field(500, ge=1)
     n_attack: int = Field(0, ge=0)
     n_test: int | None = Field(1000, ge=0)
@@ -61,6 +76,7 @@ class RunConfig(BaseModel):
     loss_reduction: Literal["mean", "sum"] = "mean"
     augment: bool = False
     fam_strength: float = Field(0.0, ge=0)
+    sam_rho: float | None = Field(None, ge=0)  # rho of sam/asam; None: the optimizer's default
     # measures at the end of training
     measures: tuple[str, ...] = ("sharpness", "log_prior")
     sharpness_eps: float = Field(1e-4, gt=0)
@@ -71,6 +87,17 @@ class RunConfig(BaseModel):
     kernel: Literal["arccos", "empirical"] = "arccos"
     kernel_draws: int = Field(200, ge=1)
     pac_bayes_delta: float = Field(0.05, gt=0, lt=1)
+    # adaptive sharpness (worst: APGD in the |w|-scaled ball; average: Gaussian, l2) and
+    # PAC-Bayes flatness (see flatprior.flatness.flatness_measures)
+    adaptive_norm: Literal["linf", "l2"] = "linf"
+    adaptive_rho: float = Field(0.01, gt=0)
+    adaptive_avg_rho: float = Field(0.1, gt=0)
+    adaptive_iters: int = Field(20, ge=1)
+    adaptive_m: int | None = Field(None, ge=1)
+    adaptive_samples: int = Field(100, ge=2)
+    pac_bayes_target: float = Field(0.1, gt=0)
+    pac_bayes_metric: Literal["loss", "error"] = "loss"
+    pac_bayes_samples: int = Field(10, ge=2)
     # per-epoch measures (Fig 5): every ``measure_every`` epochs, 0 = never
     measure_every: int = Field(0, ge=0)
     epoch_measures: tuple[str, ...] = ("sharpness", "log_prior")
@@ -116,9 +143,20 @@ class RunConfig(BaseModel):
             raise ValueError(f"unknown optimizer {v!r}; choose one of {sorted(OPTIMIZERS)}")
         return v
 
+    @model_validator(mode="after")
+    def _file_needs_path(self):
+        if self.dataset == "file" and not self.data_path:
+            raise ValueError("dataset 'file' needs data_path (a .npz with arrays x, y or a .csv)")
+        if self.dataset != "file" and self.data_path:
+            raise ValueError(f"data_path is only read with dataset='file' (got {self.dataset!r})")
+        return self
+
     def key(self) -> str:
         """16-hex-digit hash of the config (without paths): the run's identity in a store."""
         d = self.model_dump(mode="json", exclude=set(NON_KEY_FIELDS))
+        for f in LATER_FIELDS:
+            if d[f] == RunConfig.model_fields[f].default:
+                del d[f]
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -153,6 +191,8 @@ def build_task(cfg: RunConfig):
         cfg.seed if cfg.data_seed is None else cfg.data_seed,
         cfg.data_root,
         target=cfg.boolean_target,
+        data_path=cfg.data_path,
+        label_column=cfg.label_column,
     )
 
 
@@ -194,6 +234,15 @@ def compute_measures(model, task, cfg: RunConfig, which) -> dict[str, Any]:
                 sharpness_method=cfg.sharpness_method,
                 sharpness_epochs=cfg.sharpness_epochs,
                 topk=cfg.topk,
+                adaptive_norm=cfg.adaptive_norm,
+                adaptive_rho=cfg.adaptive_rho,
+                adaptive_avg_rho=cfg.adaptive_avg_rho,
+                adaptive_iters=cfg.adaptive_iters,
+                adaptive_m=cfg.adaptive_m,
+                adaptive_samples=cfg.adaptive_samples,
+                pac_bayes_target=cfg.pac_bayes_target,
+                pac_bayes_metric=cfg.pac_bayes_metric,
+                pac_bayes_samples=cfg.pac_bayes_samples,
                 seed=cfg.seed,
             )
         )
@@ -355,6 +404,7 @@ def run(
         loss_reduction=cfg.loss_reduction,
         augment=cfg.augment,
         fam_strength=cfg.fam_strength,
+        optimizer_kwargs={} if cfg.sam_rho is None else {"rho": cfg.sam_rho},
         seed=cfg.seed,
     )
     callbacks: list[Callable] = []

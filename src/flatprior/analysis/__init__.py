@@ -6,10 +6,20 @@ from flatprior.analysis.correlations import (
     correlation,
     correlation_table,
     epochs_summary,
+    granulated_kendall,
+    granulated_table,
     measure_columns,
+    swept_axes,
+    wide_granulated,
     wide_table,
 )
-from flatprior.analysis.plots import attack_figure, boolean_figure, epochs_figure, to_png
+from flatprior.analysis.plots import (
+    attack_figure,
+    boolean_figure,
+    epochs_figure,
+    psi_figure,
+    to_png,
+)
 from flatprior.analysis.report import analyse_spec, render_html, write_report
 
 __all__ = [
@@ -22,9 +32,14 @@ __all__ = [
     "correlation_table",
     "epochs_figure",
     "epochs_summary",
+    "granulated_kendall",
+    "granulated_table",
     "measure_columns",
+    "psi_figure",
     "render_html",
+    "swept_axes",
     "to_png",
+    "wide_granulated",
     "wide_table",
     "write_report",
 ]

@@ -35,8 +35,23 @@ MEASURE_COLUMNS = (
     "trace",
     "relative_flatness",
     "pac_bayes_bound",
+    "adaptive_worst",
+    "adaptive_average",
+    "pac_bayes_flatness",
+    "pac_bayes_mag_flatness",
+    "path_norm",
+    "log_prod_spectral",
+    "log_prod_frobenius",
 )
-LOG_SCALE = ("sharpness", "sharpness_lbfgsb", "spectral_norm", "trace", "relative_flatness")
+LOG_SCALE = ("sharpness", "sharpness_lbfgsb", "spectral_norm", "trace", "relative_flatness",
+             "adaptive_worst", "adaptive_average", "pac_bayes_flatness", "pac_bayes_mag_flatness",
+             "path_norm")
+#: the sign of tau with the test error a measure should have if it predicts generalization:
+#: a higher prior probability means a simpler function (Zhang et al.); every other measure is a
+#: complexity measure (Jiang et al. 2020), larger = worse generalization.
+EXPECTED_SIGN = {"log_prior": -1.0}
+#: run fields that are not hyper-parameter axes of a sweep (replicates and locations)
+NON_AXES = ("seed", "data_seed", "data_root")
 METHODS = ("kendall", "spearman", "pearson")
 #: run fields that split the correlations when they take more than one value
 SPLIT_FIELDS = ("dataset", "model", "optimizer", "n_train", "overtrain_epochs", "lr")
@@ -181,8 +196,13 @@ def correlation_table(
     return pd.DataFrame(rows)
 
 
-def wide_table(table: pd.DataFrame, digits: int = 2) -> pd.DataFrame:
-    """``measure × method`` strings ``"τ [lo, hi]"`` (one row per group and measure)."""
+def wide_table(table: pd.DataFrame, digits: int = 2,
+               granulated: pd.DataFrame | None = None) -> pd.DataFrame:
+    """``measure × method`` strings ``"τ [lo, hi]"`` (one row per group and measure).
+
+    With ``granulated`` (a :func:`granulated_table`), its Ψ and per-axis τ's are added beside
+    the (pooled) Kendall τ, matched by measure, and the rows follow its rank order.
+    """
     if table.empty:
         return table
     groups = [c for c in table.columns if c not in (
@@ -202,7 +222,198 @@ def wide_table(table: pd.DataFrame, digits: int = 2) -> pd.DataFrame:
                       aggfunc="first", sort=False)
     w = w[[m for m in METHODS if m in w.columns]]
     w.columns.name = None
-    return w.reset_index()
+    w = w.reset_index()
+    if granulated is not None and not granulated.empty:
+        g = wide_granulated(granulated, digits).drop(columns=["n", "pooled τ"], errors="ignore")
+        at = list(w.columns).index("kendall") + 1 if "kendall" in w.columns else len(w.columns)
+        w = w.merge(g, on="measure", how="left")
+        cols = [c for c in w.columns if c not in g.columns or c == "measure"]
+        extra = [c for c in g.columns if c != "measure"]
+        w = w[cols[:at] + extra + cols[at:]]
+        rank = {m: i for i, m in enumerate(granulated["measure"])}  # granulated's rank order
+        w = w.sort_values("measure", key=lambda c: c.map(rank), kind="stable",
+                          ignore_index=True)
+    return w
+
+
+# -- granulated Kendall coefficient (Jiang et al. 2020) --------------------------------------------
+def swept_axes(df: pd.DataFrame, status: str | None = "zero_error") -> list[str]:
+    """Run-config fields that take more than one value in ``df`` (seeds excluded: replicates)."""
+    from flatprior.pipeline import RunConfig
+
+    if status is not None and "status" in df.columns:
+        df = df[df["status"] == status]
+    return [f for f in RunConfig.model_fields if f in df.columns and f not in NON_AXES
+            and df[f].astype(str).nunique() > 1]
+
+
+def _sign_matrix(v: np.ndarray) -> np.ndarray:
+    return np.sign(v[:, None] - v[None, :])
+
+
+def _group_taus(x: np.ndarray, y: np.ndarray, groups: list[np.ndarray],
+                weights: np.ndarray) -> np.ndarray:
+    """Kendall τ-b of every group for every row of ``weights [B, n]`` (run multiplicities).
+
+    τ-b = Σ_{i<j} s^x_ij s^y_ij / sqrt(Σ_{i<j} |s^x_ij| · Σ_{i<j} |s^y_ij|) with s_ij =
+    sign(v_i - v_j); a run drawn c times contributes c_i c_j to each pair (its copies tie in both
+    x and y: zero everywhere, as τ-b counts them). Hand-rolled because it vectorises over the
+    bootstrap (scipy's kendalltau is one sample at a time). Returns ``[B, n_groups]``, NaN where
+    a group has no untied pair.
+    """
+    out = np.full((weights.shape[0], len(groups)), np.nan)
+    for k, g in enumerate(groups):
+        sx, sy = _sign_matrix(x[g]), _sign_matrix(y[g])
+        c = weights[:, g]
+        num = np.einsum("bi,ij,bj->b", c, sx * sy, c)
+        den = np.einsum("bi,ij,bj->b", c, np.abs(sx), c) * np.einsum("bi,ij,bj->b", c,
+                                                                       np.abs(sy), c)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[:, k] = np.where(den > 0, num / np.sqrt(den), np.nan)
+    return out
+
+
+def granulated_kendall(
+    df: pd.DataFrame,
+    measure: str,
+    axes: Sequence[str],
+    target: str = "test_error",
+    *,
+    n_boot: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    status: str | None = "zero_error",
+) -> dict[str, float]:
+    """Granulated Kendall coefficient Ψ of ``measure`` with ``target`` over the sweep ``axes``.
+
+    Jiang et al., "Fantastic generalization measures and where to find them", ICLR 2020, eq. (4):
+    for axis ``i``, the runs are grouped by the values of all OTHER axes; ``ψ_i`` is the mean over
+    the groups of Kendall's τ between measure and target within the group (runs that differ only
+    in axis ``i``; replicates such as seeds stay in their group); ``Ψ = mean_i ψ_i``. Groups
+    without an untied pair are left out of the mean. Intervals: percentile bootstrap over runs
+    (resampled with replacement, all ψ_i and Ψ recomputed on each resample, seeded).
+
+    Args:
+        df: one row per run. measure, target: columns. axes: the swept hyper-parameter columns
+            (at least one).
+        n_boot: bootstrap resamples (0: no intervals). confidence: interval level.
+        seed: bootstrap seed. status: keep only runs with this status (``None``: all).
+
+    Returns:
+        ``{"measure", "n", "psi", "psi_ci_low", "psi_ci_high", "pooled_tau", "pooled_ci_low",
+        "pooled_ci_high"}`` plus, per axis ``a``, ``tau_<a>``, ``tau_<a>_ci_low``,
+        ``tau_<a>_ci_high`` and ``groups_<a>`` (groups with a defined τ). NaN where undefined.
+    """
+    axes = list(axes)
+    if not axes:
+        raise FlatpriorError("granulated_kendall needs at least one swept axis")
+    for col in (measure, target, *axes):
+        if col not in df.columns:
+            raise FlatpriorError(f"no {col!r} column in the results; choose from "
+                                 f"{', '.join(map(str, df.columns))}")
+    if status is not None and "status" in df.columns:
+        df = df[df["status"] == status]
+    x = pd.to_numeric(df[measure], errors="coerce").to_numpy(float)
+    y = pd.to_numeric(df[target], errors="coerce").to_numpy(float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    df, x, y = df[ok], x[ok], y[ok]
+    n = len(x)
+    keys = df[axes].astype(str).reset_index(drop=True)  # lists/None as comparable strings
+    pooled = correlation(x, y, "kendall", n_boot=n_boot, confidence=confidence, seed=seed)
+    out: dict[str, float] = {"measure": measure, "n": n, "pooled_tau": pooled["estimate"],
+                             "pooled_ci_low": pooled["ci_low"],
+                             "pooled_ci_high": pooled["ci_high"]}
+    rng = np.random.default_rng(seed)
+    weights = np.ones((1, n))
+    if n_boot > 0 and n > 0:
+        weights = np.vstack([weights, rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot)])
+    psis = []
+    lo_q, hi_q = 50 * (1 - confidence), 50 * (1 + confidence)
+    for a in axes:
+        others = [b for b in axes if b != a]
+        if others:
+            groups = [np.asarray(ix) for ix in keys.groupby(others, sort=True).indices.values()]
+        else:
+            groups = [np.arange(n)]
+        groups = [g for g in groups if len(g) >= 2]
+        taus = _group_taus(x, y, groups, weights) if groups else np.full((len(weights), 1),
+                                                                           np.nan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: undefined psi
+            psi = np.nanmean(taus, axis=1)
+        psis.append(psi)
+        out[f"tau_{a}"] = float(psi[0])
+        out[f"groups_{a}"] = int(np.isfinite(taus[0]).sum())
+        out[f"tau_{a}_ci_low"], out[f"tau_{a}_ci_high"] = _percentiles(psi[1:], lo_q, hi_q)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        total = np.nanmean(np.vstack(psis), axis=0)
+    out["psi"] = float(total[0])
+    out["psi_ci_low"], out["psi_ci_high"] = _percentiles(total[1:], lo_q, hi_q)
+    return out
+
+
+def _percentiles(v: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return np.nan, np.nan
+    a, b = np.percentile(v, [lo, hi])
+    return float(a), float(b)
+
+
+def granulated_table(
+    df: pd.DataFrame,
+    axes: Sequence[str] | None = None,
+    *,
+    target: str = "test_error",
+    measures: Sequence[str] | None = None,
+    n_boot: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    status: str | None = "zero_error",
+) -> pd.DataFrame:
+    """:func:`granulated_kendall` of every measure (one row each), ranked by ``Ψ`` times the
+    measure's :data:`EXPECTED_SIGN` (the predictors that work best in the direction their theory
+    says come first; column ``rank_score``). ``axes`` default: :func:`swept_axes`."""
+    if df.empty:
+        return pd.DataFrame()
+    axes = swept_axes(df, status) if axes is None else list(axes)
+    if not axes:
+        return pd.DataFrame()
+    measures = list(measures) if measures is not None else measure_columns(df)
+    rows = [granulated_kendall(df, m, axes, target, n_boot=n_boot, confidence=confidence,
+                               seed=seed, status=status) for m in measures if m in df.columns]
+    t = pd.DataFrame(rows)
+    if t.empty:
+        return t
+    t["rank_score"] = [r * EXPECTED_SIGN.get(m, 1.0) for m, r in zip(t["measure"], t["psi"],
+                                                                     strict=True)]
+    t = t.sort_values("rank_score", ascending=False, na_position="last")
+    return t.reset_index(drop=True)
+
+
+def wide_granulated(gt: pd.DataFrame, digits: int = 2) -> pd.DataFrame:
+    """Strings ``"value [lo, hi]"``: ``measure``, ``n``, ``pooled τ``, ``Ψ``, ``τ|<axis>``."""
+    if gt.empty:
+        return gt
+
+    def fmt(v, lo, hi):
+        if not np.isfinite(v):
+            return "n/a"
+        if np.isfinite(lo):
+            return f"{v:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+        return f"{v:+.{digits}f}"
+
+    axes = [c[4:] for c in gt.columns if c.startswith("tau_") and not c.endswith(
+        ("_ci_low", "_ci_high"))]
+    out = pd.DataFrame({"measure": gt["measure"], "n": gt["n"]})
+    out["pooled τ"] = [fmt(*r) for r in gt[["pooled_tau", "pooled_ci_low",
+                                            "pooled_ci_high"]].to_numpy()]
+    out["Ψ"] = [fmt(*r) for r in gt[["psi", "psi_ci_low", "psi_ci_high"]].to_numpy()]
+    for a in axes:
+        out[f"τ|{a}"] = [fmt(*r) for r in gt[[f"tau_{a}", f"tau_{a}_ci_low",
+                                              f"tau_{a}_ci_high"]].to_numpy()]
+    return out
 
 
 def boolean_table(df: pd.DataFrame, top: int | None = 1000, prior=None) -> pd.DataFrame:

@@ -6,6 +6,8 @@
   first zero-error epoch and the alpha-scaling epoch marked (Figs 5, S9).
 * :func:`boolean_figure` — mean sharpness / spectral norm of the functions SGD finds against
   their log P(f) (Figs 2, S3).
+* :func:`psi_figure` — granulated Kendall Ψ of every predictor with its bootstrap interval, and
+  the per-axis τ's (Jiang et al. 2020), ranked.
 
 Every function returns a :class:`matplotlib.figure.Figure`; :func:`to_png` renders it.
 """
@@ -31,6 +33,13 @@ LABELS = {
     "trace": "Hessian trace",
     "relative_flatness": "relative flatness",
     "pac_bayes_bound": "PAC-Bayes bound",
+    "adaptive_worst": "adaptive worst-case sharpness",
+    "adaptive_average": "adaptive average sharpness",
+    "pac_bayes_flatness": "PAC-Bayes flatness 1/σ'²",
+    "pac_bayes_mag_flatness": "magnitude-aware PAC-Bayes flatness",
+    "path_norm": "path norm",
+    "log_prod_spectral": "log Π spectral norms²",
+    "log_prod_frobenius": "log Π Frobenius norms²",
     "test_error": "generalization error",
     "train_error": "train error",
     "train_loss": "train loss",
@@ -198,4 +207,30 @@ def boolean_figure(table: pd.DataFrame, *, title: str | None = None) -> Figure:
         fig.colorbar(sc, ax=axes, label="log10 (times SGD found f)", shrink=0.8)
     if title:
         fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def psi_figure(table: pd.DataFrame, *, title: str | None = None) -> Figure:
+    """Ψ (black, with its bootstrap interval) and the per-axis τ's (coloured markers) of every
+    measure in a :func:`flatprior.analysis.correlations.granulated_table`, in its rank order
+    (best first, at the top). The sign is the raw one: log P(f) predicts with Ψ < 0."""
+    t = table.reset_index(drop=True)
+    axes = [c[4:] for c in t.columns if c.startswith("tau_") and not c.endswith(
+        ("_ci_low", "_ci_high"))]
+    fig = Figure(figsize=(7.5, 0.45 * len(t) + 1.6))
+    ax = fig.add_subplot(1, 1, 1)
+    ypos = np.arange(len(t))[::-1]
+    for k, a in enumerate(axes):
+        ax.scatter(t[f"tau_{a}"], ypos + 0.12 * (k - (len(axes) - 1) / 2), s=16, marker="o",
+                   alpha=0.75, label=f"τ along {a}", zorder=2)
+    lo = (t["psi"] - t["psi_ci_low"]).clip(lower=0).fillna(0)
+    hi = (t["psi_ci_high"] - t["psi"]).clip(lower=0).fillna(0)
+    ax.errorbar(t["psi"], ypos, xerr=[lo, hi], fmt="D", color="k", ms=6, capsize=3, zorder=3,
+                label="Ψ (95 % bootstrap CI)")
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set_yticks(ypos, [label(m) for m in t["measure"]])
+    ax.set_xlim(-1.08, 1.08)
+    ax.set_xlabel("Kendall τ with the generalization error")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title(title or "Predictors ranked by granulated Kendall Ψ", fontsize=10)
     return fig

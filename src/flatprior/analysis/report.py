@@ -19,10 +19,18 @@ from flatprior.analysis.correlations import (
     boolean_table,
     correlation_table,
     epochs_summary,
+    granulated_table,
     measure_columns,
+    swept_axes,
     wide_table,
 )
-from flatprior.analysis.plots import attack_figure, boolean_figure, epochs_figure, to_png
+from flatprior.analysis.plots import (
+    attack_figure,
+    boolean_figure,
+    epochs_figure,
+    psi_figure,
+    to_png,
+)
 from flatprior.errors import FlatpriorError
 
 #: per-run columns shown in the run tables (when present), after the varying config fields
@@ -53,6 +61,9 @@ class SpecSection:
     frame: pd.DataFrame
     correlations: pd.DataFrame = field(default_factory=pd.DataFrame)
     figures: list[tuple[str, bytes]] = field(default_factory=list)  # (caption, png)
+    # granulated Kendall (>= 2 swept axes): one row per measure, and the pooled correlations
+    granulated: pd.DataFrame = field(default_factory=pd.DataFrame)
+    pooled: pd.DataFrame = field(default_factory=pd.DataFrame)
     extra_tables: list[tuple[str, pd.DataFrame]] = field(default_factory=list)
 
 
@@ -119,6 +130,16 @@ def analyse_spec(
             sec.figures.append((cap, to_png(epochs_figure(rec))))
         return sec
     sec.correlations = correlation_table(df, group_by=group_by, n_boot=n_boot, seed=seed)
+    axes = swept_axes(df)
+    if len(axes) >= 2:
+        sec.granulated = granulated_table(df, axes, n_boot=n_boot, seed=seed)
+        sec.pooled = correlation_table(df, group_by=None, n_boot=n_boot, seed=seed)
+        if make_figures and not sec.granulated.empty:
+            sec.figures.append((
+                "Predictors ranked by the granulated Kendall coefficient Ψ (Jiang et al. 2020) "
+                f"over the swept axes {', '.join(axes)}: Ψ with its 95 % bootstrap interval and "
+                "the τ along each axis", to_png(psi_figure(sec.granulated)),
+            ))
     if make_figures:
         sec.figures.append((
             "Each measure against the generalization error; colour = attack-set size |A| "
@@ -280,6 +301,17 @@ def render_html(sections: list[SpecSection], *, title: str, source: str,
             else:
                 parts.append("<p class='muted'>not enough zero-error runs with measures "
                              "to correlate</p>")
+        if not s.granulated.empty:
+            axes = [c[4:] for c in s.granulated.columns if c.startswith("tau_")
+                    and not c.endswith(("_ci_low", "_ci_high"))]
+            parts.append(
+                "<h3>Granulated Kendall Ψ beside the pooled τ</h3><p>Ψ (Jiang et al. 2020): "
+                "for each swept axis, Kendall τ over groups of runs that differ only in that "
+                "axis (seeds are replicates within a group), averaged over the groups, then "
+                "over the axes (" + html.escape(", ".join(axes)) + "). Pooled: one τ over all "
+                "runs. Ranked by Ψ in the direction each measure should predict (log P(f): "
+                "negative; the others are complexity measures: positive).</p>")
+            parts.append(_table_html(wide_table(s.pooled, granulated=s.granulated)))
         for cap, png in s.figures:
             parts.append(f"<figure>{_img(png, cap)}<figcaption>{html.escape(cap)}"
                          "</figcaption></figure>")

@@ -10,7 +10,7 @@ import torch
 
 from flatprior.errors import FlatpriorError, check_choice, check_finite_tensor
 
-DATASETS = ("boolean", "digits", "mnist", "cifar10")
+DATASETS = ("boolean", "digits", "mnist", "cifar10", "file")
 
 
 @dataclass
@@ -201,6 +201,8 @@ def make_task(
     *,
     target: str | object | None = None,
     download: bool = False,
+    data_path: str | Path | None = None,
+    label_column: str = "label",
 ) -> Task:
     """Build a binary task: train set S, attack set A (labels flipped), test set E.
 
@@ -215,10 +217,17 @@ def make_task(
             default: majority of the 7 bits. Input order: see
             :func:`flatprior.data.boolean.boolean_inputs`.
         download: MNIST only — fetch missing files (md5-verified) when the network allows.
+        data_path, label_column: ``file`` only — your ``.npz`` / ``.csv`` file and the CSV's
+            label column (:mod:`flatprior.data.files`).
 
     Labels: digits/MNIST 1 iff digit >= 5; CIFAR-10 cat = 1, automobile = 0.
     """
     check_choice("dataset", dataset, DATASETS)
+    if dataset == "file":
+        from flatprior.data.files import load_file_pool
+
+        x, y = load_file_pool(data_path, label_column)
+        return task_from_arrays(x, y, n_train, n_attack, n_test, seed, name="file")
     if dataset == "boolean":
         from flatprior.data.boolean import boolean_dataset
 

@@ -137,7 +137,8 @@ def preflight(configs: Sequence) -> None:
                 )
     worst: dict[tuple, Any] = {}
     for cfg in configs:
-        sig = (cfg.dataset, cfg.data_root, cfg.n_train, cfg.n_test, cfg.boolean_target)
+        sig = (cfg.dataset, cfg.data_root, cfg.data_path, cfg.label_column, cfg.n_train,
+               cfg.n_test, cfg.boolean_target)
         if sig not in worst or cfg.n_attack > worst[sig].n_attack:
             worst[sig] = cfg
     for sig, cfg in worst.items():

@@ -1,4 +1,5 @@
-"""Flatness measures: Keskar sharpness, Hessian spectrum/trace, relative flatness (and FAM).
+"""Flatness measures: Keskar sharpness, Hessian spectrum/trace, relative flatness (and FAM),
+adaptive sharpness, PAC-Bayes flatness, and the norm baselines (path norm, layer-norm products).
 
 All measures are pure functions of ``(model, loss_fn, inputs, targets)``: they work on a deep copy
 of the model in eval mode (float64 by default) and leave the model untouched.
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 
 from flatprior.errors import check_choice
 from flatprior.flatness._common import LossFn
+from flatprior.flatness.adaptive import AdaptiveSharpnessResult, adaptive_sharpness
 from flatprior.flatness.hessian import (
     CurvatureOptions,
     hessian_log_product_topk,
@@ -30,15 +32,21 @@ from flatprior.flatness.hessian import (
     trace,
 )
 from flatprior.flatness.keskar import SharpnessResult, keskar_sharpness
+from flatprior.flatness.norms import layer_norms, log_prod_frobenius, log_prod_spectral, path_norm
+from flatprior.flatness.pac_bayes_flatness import PacBayesFlatnessResult, pac_bayes_flatness
 from flatprior.flatness.relative import fam_regularizer, relative_flatness
 
-MEASURES = ("sharpness", "spectral_norm", "logprod_topk", "trace", "relative_flatness")
+MEASURES = ("sharpness", "spectral_norm", "logprod_topk", "trace", "relative_flatness",
+            "adaptive_worst", "adaptive_average", "pac_bayes_flatness", "pac_bayes_mag_flatness",
+            "path_norm", "log_prod_spectral", "log_prod_frobenius")
 
 __all__ = [
-    "MEASURES", "CurvatureOptions", "FlatnessOptions", "SharpnessResult", "fam_regularizer",
+    "MEASURES", "AdaptiveSharpnessResult", "CurvatureOptions", "FlatnessOptions",
+    "PacBayesFlatnessResult", "SharpnessResult", "adaptive_sharpness", "fam_regularizer",
     "flatness_measures", "hessian_log_product_topk", "hessian_operator", "hessian_spectral_norm",
-    "hessian_top_eigenvalues", "hessian_trace", "keskar_sharpness", "log_product_topk",
-    "relative_flatness", "spectral_norm", "top_eigenvalues", "trace",
+    "hessian_top_eigenvalues", "hessian_trace", "keskar_sharpness", "layer_norms",
+    "log_prod_frobenius", "log_prod_spectral", "log_product_topk", "pac_bayes_flatness",
+    "path_norm", "relative_flatness", "spectral_norm", "top_eigenvalues", "trace",
 ]
 
 
@@ -54,6 +62,12 @@ class FlatnessOptions:
         topk: ``k`` of the log-product, capped at the number of parameters [logprod_topk].
         trace_method, trace_samples: estimator and its matrix-vector products [trace].
         relative_layer: layer (default: last Linear/Conv) [relative_flatness].
+        adaptive_norm, adaptive_rho, adaptive_iters, adaptive_m: ball, radius (scaled by
+            ``|w|``), APGD steps and m-sharpness [adaptive_worst].
+        adaptive_avg_rho, adaptive_samples: Gaussian scale and draws [adaptive_average].
+        pac_bayes_target, pac_bayes_metric, pac_bayes_samples: the allowed rise of the
+            expected loss (or error), and Monte-Carlo draws [pac_bayes_flatness,
+            pac_bayes_mag_flatness].
         batch_size: examples per chunk of every loss/HVP evaluation [Hessian measures,
             relative_flatness].
         dtype: compute dtype (default float64) [all].
@@ -70,6 +84,15 @@ class FlatnessOptions:
     trace_method: str = "hutchinson"
     trace_samples: int = 100
     relative_layer: int | nn.Module | None = None
+    adaptive_norm: str = "linf"
+    adaptive_rho: float = 0.01
+    adaptive_avg_rho: float = 0.1
+    adaptive_iters: int = 20
+    adaptive_m: int | None = None
+    adaptive_samples: int = 100
+    pac_bayes_target: float = 0.1
+    pac_bayes_metric: str = "loss"
+    pac_bayes_samples: int = 10
     batch_size: int | None = 1024
     dtype: torch.dtype | None = torch.float64
     seed: int = 0
@@ -138,12 +161,62 @@ def _relative_flatness(pb: _Problem) -> tuple[str, dict[str, Any]]:
     return "relative_flatness", {"relative_flatness": val}
 
 
+def _adaptive_worst(pb: _Problem) -> tuple[str, dict[str, Any]]:
+    o = pb.opts
+    val = adaptive_sharpness(
+        pb.model, pb.loss_fn, pb.inputs, pb.targets, o.adaptive_rho, o.adaptive_norm, "worst",
+        True, o.adaptive_m, n_iters=o.adaptive_iters, eval_batch_size=o.batch_size,
+        dtype=o.dtype, seed=o.seed,
+    )
+    return "adaptive_worst", {"adaptive_worst": val, "adaptive_worst_norm": o.adaptive_norm,
+                              "adaptive_worst_rho": float(o.adaptive_rho)}
+
+
+def _adaptive_average(pb: _Problem) -> tuple[str, dict[str, Any]]:
+    o = pb.opts
+    res = adaptive_sharpness(
+        pb.model, pb.loss_fn, pb.inputs, pb.targets, o.adaptive_avg_rho, "l2", "average", True,
+        n_samples=o.adaptive_samples, eval_batch_size=o.batch_size, dtype=o.dtype, seed=o.seed,
+        return_details=True,
+    )
+    key = "adaptive_average"
+    return key, {key: res.value, f"{key}_ci_low": res.ci[0], f"{key}_ci_high": res.ci[1],
+                 f"{key}_rho": float(o.adaptive_avg_rho)}
+
+
+def _pac_bayes(magnitude_aware: bool) -> Callable[[_Problem], tuple[str, dict[str, Any]]]:
+    key = "pac_bayes_mag_flatness" if magnitude_aware else "pac_bayes_flatness"
+
+    def compute(pb: _Problem) -> tuple[str, dict[str, Any]]:
+        o = pb.opts
+        res = pac_bayes_flatness(
+            pb.model, pb.loss_fn, pb.inputs, pb.targets, o.pac_bayes_target, magnitude_aware,
+            metric=o.pac_bayes_metric, n_samples=o.pac_bayes_samples,
+            eval_batch_size=o.batch_size, seed=o.seed, return_details=True,
+        )
+        return key, {key: res.value, f"{key}_ci_low": res.value_ci[0],
+                     f"{key}_ci_high": res.value_ci[1], f"{key}_sigma": res.sigma}
+
+    return compute
+
+
+def _norm(key: str, fn: Callable[[_Problem], float]):
+    return lambda pb: (key, {key: fn(pb)})
+
+
 _COMPUTE: dict[str, Callable[[_Problem], tuple[str, dict[str, Any]]]] = {
     "sharpness": _sharpness,
     "spectral_norm": _spectral_norm,
     "logprod_topk": _logprod_topk,
     "trace": _trace,
     "relative_flatness": _relative_flatness,
+    "adaptive_worst": _adaptive_worst,
+    "adaptive_average": _adaptive_average,
+    "pac_bayes_flatness": _pac_bayes(False),
+    "pac_bayes_mag_flatness": _pac_bayes(True),
+    "path_norm": _norm("path_norm", lambda pb: path_norm(pb.model, tuple(pb.inputs.shape[1:]))),
+    "log_prod_spectral": _norm("log_prod_spectral", lambda pb: log_prod_spectral(pb.model)),
+    "log_prod_frobenius": _norm("log_prod_frobenius", lambda pb: log_prod_frobenius(pb.model)),
 }
 
 
@@ -168,6 +241,11 @@ def flatness_measures(
       used): :func:`log_product_topk` (natural log);
     - ``trace`` (+ ``trace_method``): :func:`trace` of the Hessian;
     - ``relative_flatness``: :func:`relative_flatness` of ``relative_layer`` (default: last layer).
+    - ``adaptive_worst`` (+ ``adaptive_worst_norm``, ``adaptive_worst_rho``) and
+      ``adaptive_average`` (+ ``_ci_low``/``_ci_high``, ``_rho``): :func:`adaptive_sharpness`;
+    - ``pac_bayes_flatness`` / ``pac_bayes_mag_flatness`` (+ ``_ci_low``/``_ci_high``,
+      ``_sigma``): :func:`pac_bayes_flatness` (plain / magnitude-aware), ``1/sigma'^2``;
+    - ``path_norm``, ``log_prod_spectral``, ``log_prod_frobenius``: :mod:`.norms`.
 
     The Hessian operator is built once and shared by the spectral norm, the log-product and the
     trace.

@@ -2,14 +2,20 @@
 
 Learning rates are for the *mean* BCE-with-logits loss over a batch (the authors' code summed
 it: lr 1e-3 summed over a batch of 128 ≈ lr 0.128 with the mean).
+
+``sam`` / ``asam``: sharpness-aware minimisation (Foret et al., ICLR 2021) and its adaptive
+version (Kwon et al., ICML 2021) from pytorch-optimizer (``pytorch_optimizer.SAM``, ``adaptive``
+flag: perturbation ``rho T^2 g / ||T g||`` with ``T = |w|``), both around plain SGD. Every step
+takes two gradients (at ``w`` and at the perturbed weights): ``step_style="sam"``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pytorch_optimizer import SAM
 
 from flatprior.errors import check_choice, check_positive
 from flatprior.train.entropy_sgd import EntropySGD
@@ -22,6 +28,10 @@ class OptimizerSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
     full_batch: bool = False
     doc: str = ""
+    #: how the trainer calls ``step``: ``"plain"`` (backward, then ``step()``), ``"closure"``
+    #: (``step(closure)``; Entropy-SGD), ``"sam"`` (``closure()`` then ``step(closure)``: the
+    #: first gradient at ``w``, the closure recomputes it at the perturbed weights)
+    step_style: Literal["plain", "closure", "sam"] = "plain"
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
@@ -39,7 +49,14 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "gd": OptimizerSpec(
         torch.optim.SGD, 0.5, {}, full_batch=True, doc="full-batch gradient descent"
     ),
-    "entropy-sgd": OptimizerSpec(EntropySGD, 1.0, {}, doc="Entropy-SGD (Chaudhari et al. 2017)"),
+    "entropy-sgd": OptimizerSpec(EntropySGD, 1.0, {}, doc="Entropy-SGD (Chaudhari et al. 2017)",
+                                 step_style="closure"),
+    "sam": OptimizerSpec(SAM, 0.1, {"base_optimizer": torch.optim.SGD, "rho": 0.05},
+                         doc="SAM around SGD, rho 0.05 (Foret et al. 2021)", step_style="sam"),
+    "asam": OptimizerSpec(SAM, 0.1, {"base_optimizer": torch.optim.SGD, "rho": 0.5,
+                                     "adaptive": True},
+                          doc="adaptive SAM around SGD, rho 0.5 (Kwon et al. 2021)",
+                          step_style="sam"),
 }
 
 

@@ -217,6 +217,7 @@ class _EpochStep:
         if self.needs_closure:
             kwargs.setdefault("generator", torch.Generator().manual_seed(config.seed))
         self.opt, spec = make_optimizer(config.optimizer, model.parameters(), config.lr, **kwargs)
+        self.step_style = spec.step_style  # "plain", "closure" (Entropy-SGD) or "sam"
         self.batch = self.n if spec.full_batch else min(config.batch_size, self.n)
         self.loss_fn = _loss_fn(config.loss_reduction)
         self.gen = torch.Generator().manual_seed(config.seed)
@@ -248,8 +249,11 @@ class _EpochStep:
             xb, yb = self.x_fit[idx], self.y_fit[idx]
             if self.config.augment and xb.dim() == 4:
                 xb = _augment(xb, self.gen)
-            if self.needs_closure:
+            if self.step_style == "closure":
                 loss = self.opt.step(lambda xb=xb, yb=yb: self._batch_loss(xb, yb))
+            elif self.step_style == "sam":
+                loss = self._batch_loss(xb, yb)  # gradient at w (and the loss reported)
+                self.opt.step(lambda xb=xb, yb=yb: self._batch_loss(xb, yb))
             else:
                 loss = self._batch_loss(xb, yb)
                 self.opt.step()
