@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from flatprior.errors import FlatpriorError
-from flatprior.flatness._common import WEIGHTED
+from flatprior.models.rescale import WEIGHTED
 
 
 def _weights(model: nn.Module) -> list[torch.Tensor]:
