@@ -24,30 +24,25 @@ import pandas as pd
 from scipy import stats
 
 from flatprior.errors import FlatpriorError
+from flatprior.measures import LOG_SCALE, MEASURE_COLUMNS, REGISTRY
 
-#: measure columns, in display order; ``logprod_top<k>`` is matched by pattern
-MEASURE_COLUMNS = (
-    "log_prior",
-    "sharpness",
-    "sharpness_lbfgsb",
-    "spectral_norm",
-    "logprod_topk",
-    "trace",
-    "relative_flatness",
-    "pac_bayes_bound",
-)
-LOG_SCALE = ("sharpness", "sharpness_lbfgsb", "spectral_norm", "trace", "relative_flatness")
+# MEASURE_COLUMNS (display order; ``logprod_top<k>`` matched by pattern) and LOG_SCALE (Pearson r
+# on log10) come from the measure registry and are re-exported here
+__all__ = [
+    "LOG_SCALE", "MEASURE_COLUMNS", "METHODS", "SPLIT_FIELDS", "boolean_table", "correlation",
+    "correlation_table", "epochs_summary", "measure_columns", "split_fields", "wide_table",
+]
 METHODS = ("kendall", "spearman", "pearson")
 #: run fields that split the correlations when they take more than one value
 SPLIT_FIELDS = ("dataset", "model", "optimizer", "n_train", "overtrain_epochs", "lr")
-_LOGPROD = re.compile(r"^logprod_top\d+$")
 
 
 def measure_columns(df: pd.DataFrame) -> list[str]:
     """The measure columns of ``df`` that hold at least one number, in display order."""
     out = []
-    for m in MEASURE_COLUMNS:
-        cols = [c for c in df.columns if _LOGPROD.match(c)] if m == "logprod_topk" else [m]
+    for m in REGISTRY.values():
+        cols = ([c for c in df.columns if re.fullmatch(m.column_pattern, c)] if m.column_pattern
+                else [m.column])
         for c in cols:
             if c in df.columns and pd.to_numeric(df[c], errors="coerce").notna().any():
                 out.append(c)

@@ -21,16 +21,12 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from flatprior.analysis.correlations import LOG_SCALE, measure_columns, split_fields
+from flatprior.measures import REGISTRY, column_label
 
+#: axis labels of the non-measure columns; measure labels come from the measure registry
 LABELS = {
-    "log_prior": "log P(f)",
+    **{m.column: m.label.format(k="k") for m in REGISTRY.values()},
     "log_p_sampled": "log P(f) (sampled)",
-    "sharpness": "sharpness",
-    "sharpness_lbfgsb": "sharpness (L-BFGS-B)",
-    "spectral_norm": "Hessian spectral norm",
-    "trace": "Hessian trace",
-    "relative_flatness": "relative flatness",
-    "pac_bayes_bound": "PAC-Bayes bound",
     "test_error": "generalization error",
     "train_error": "train error",
     "train_loss": "train loss",
@@ -38,9 +34,8 @@ LABELS = {
 
 
 def label(col: str) -> str:
-    if col.startswith("logprod_top"):
-        return f"log Π top-{col[11:]} Hessian eigenvalues"
-    return LABELS.get(col, col)
+    """Axis label of column ``col`` (the column name itself if it has none)."""
+    return column_label(col) or LABELS.get(col, col)
 
 
 def to_png(fig: Figure, dpi: int = 110) -> bytes:

@@ -188,7 +188,7 @@ def _img(png: bytes, alt: str) -> str:
 def _runs_html(df: pd.DataFrame) -> str:
     """The configuration of every run: the fields common to all (one JSON block) and, per run,
     the fields that vary plus its results."""
-    from flatprior.pipeline import RunConfig
+    from flatprior.config import RunConfig
 
     fields = [f for f in RunConfig.model_fields if f in df.columns]
     common = {f: df[f].iloc[0] for f in fields if df[f].nunique(dropna=False) <= 1}

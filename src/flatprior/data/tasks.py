@@ -9,8 +9,7 @@ import numpy as np
 import torch
 
 from flatprior.errors import FlatpriorError, check_choice, check_finite_tensor
-
-DATASETS = ("boolean", "digits", "mnist", "cifar10")
+from flatprior.names import DATASETS
 
 
 @dataclass

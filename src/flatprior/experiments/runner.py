@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from flatprior import measures
 from flatprior.errors import FlatpriorError
 from flatprior.experiments.store import FAILED, Store
 
@@ -129,12 +130,13 @@ def preflight(configs: Sequence) -> None:
 
     seen = set()
     for cfg in configs:
-        if "log_prior" in (*cfg.measures, *cfg.epoch_measures) and cfg.kernel == "arccos":
-            if cfg.model != "fcn":
-                raise FlatpriorError(
-                    f"log_prior with the arc-cosine kernel needs model='fcn', not {cfg.model!r}; "
-                    "use --set kernel=empirical"
-                )
+        kernel_measures = [m for m in (*cfg.measures, *cfg.epoch_measures)
+                           if measures.REGISTRY[m].needs_fcn]
+        if kernel_measures and cfg.kernel == "arccos" and cfg.model != "fcn":
+            raise FlatpriorError(
+                f"{kernel_measures[0]} with the arc-cosine kernel needs model='fcn', not "
+                f"{cfg.model!r}; use --set kernel=empirical"
+            )
     worst: dict[tuple, Any] = {}
     for cfg in configs:
         sig = (cfg.dataset, cfg.data_root, cfg.n_train, cfg.n_test, cfg.boolean_target)
