@@ -29,6 +29,7 @@ __all__ = [
 
 
 def build_task(cfg: RunConfig):
+    """The run's :class:`flatprior.data.Task` (S, A, E drawn from ``data_seed`` or ``seed``)."""
     from flatprior.data import make_task
 
     return make_task(
@@ -43,6 +44,7 @@ def build_task(cfg: RunConfig):
 
 
 def build_model(cfg: RunConfig, input_shape, seed: int | None = None):
+    """The run's initialised network for inputs of ``input_shape`` (``seed`` overrides)."""
     from flatprior.models import make_model
 
     return make_model(
@@ -141,6 +143,12 @@ def kernel_of(x: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
 
 
 def prior_measures(model, task, cfg: RunConfig, *, log_prior=True, pac_bayes=True):
+    """Compute log P(f) on S ∪ E and/or the PAC-Bayes bound (from S's labels) on one kernel.
+
+    Keys: ``kernel_time_s``; ``log_prior`` (natural log), ``log_prior_converged``,
+    ``log_prior_std_err``/``_ci_low``/``_ci_high`` (where the method gives them),
+    ``log_prior_time_s``; ``log_p_train``, ``pac_bayes_bound``, ``pac_bayes_time_s``.
+    """
     from flatprior.prior import log_prior as log_prior_fn
     from flatprior.prior import pac_bayes_bound
     from flatprior.train import predict

@@ -69,7 +69,8 @@ def correlation(
     """One correlation with its p-value and a percentile-bootstrap interval.
 
     Args:
-        x, y: paired samples ``[n]`` (NaN pairs are dropped).
+        x: first sample ``[n]`` (pairs with a NaN are dropped).
+        y: second sample ``[n]``, paired with ``x``.
         method: ``kendall`` (τ-b), ``spearman`` (ρ) or ``pearson`` (r).
         n_boot: bootstrap resamples (0: no interval).
         confidence: interval level.
@@ -141,7 +142,9 @@ def correlation_table(
         group_by: fields to split by, extended by any :data:`SPLIT_FIELDS` that vary
             (``None``: no split at all).
         methods: any of ``kendall``, ``spearman``, ``pearson``.
-        n_boot, confidence, seed: bootstrap settings (see :func:`correlation`).
+        n_boot: bootstrap resamples (see :func:`correlation`).
+        confidence: interval level.
+        seed: bootstrap seed.
         status: keep only runs with this status (``None``: all).
 
     Returns:
@@ -245,9 +248,10 @@ def boolean_table(df: pd.DataFrame, top: int | None = 1000, prior=None) -> pd.Da
 
 
 def epochs_summary(record: dict) -> pd.DataFrame:
-    """Key moments of a per-epoch run (Figs 5, S9): the measures at the first measurement at or
-    after zero training error, the last one before the alpha-scaling, at the scaling, the first
-    one after it, and at the end.
+    """Key moments of a per-epoch run (Figs 5, S9).
+
+    The measures at the first measurement at or after zero training error, the last one before
+    the alpha-scaling, at the scaling, the first one after it, and at the end.
 
     Returns one row per moment: ``moment``, ``epoch``, ``train_error``, ``train_loss`` and each
     per-epoch measure (``sharpness``, ``log_prior``, …) recorded in ``history``.

@@ -103,8 +103,10 @@ def attack_figure(
 
 
 def epochs_figure(record: dict[str, Any], *, title: str | None = None) -> Figure:
-    """Per-epoch curves of one run (its ``history``): train/test error, train loss, and the
-    per-epoch measures (``sharpness``, ``log_prior``, …) where they were taken.
+    """Per-epoch curves of one run (its ``history``).
+
+    Train/test error, train loss, and the per-epoch measures (``sharpness``, ``log_prior``, …)
+    where they were taken.
 
     Dotted grey line: first epoch of zero training error; red dashed line: the alpha-scaling.
     """

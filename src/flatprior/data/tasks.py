@@ -37,10 +37,12 @@ class Task:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input, without the batch dimension."""
         return tuple(self.x_train.shape[1:])
 
     @property
     def sizes(self) -> dict[str, int]:
+        """``n_train``, ``n_attack``, ``n_test``: the sizes of S, A and E."""
         return {
             "n_train": len(self.y_train),
             "n_attack": len(self.y_attack),
@@ -49,6 +51,7 @@ class Task:
 
     @property
     def y_attack_true(self) -> torch.Tensor:
+        """The attack set's true labels (``y_attack`` holds the flipped ones)."""
         return 1.0 - self.y_attack
 
 
@@ -206,7 +209,9 @@ def make_task(
     Args:
         dataset: one of ``boolean``, ``digits`` (embedded default, ships with scikit-learn),
             ``mnist``, ``cifar10``.
-        n_train: |S|. n_attack: |A|. n_test: |E| (``None``: everything left).
+        n_train: |S|.
+        n_attack: |A|.
+        n_test: |E| (``None``: everything left).
         seed: draws the split (and nothing else).
         data_root: folder holding the MNIST IDX / CIFAR-10 binary files.
         target: ``boolean`` only — the target function as a 128-character 0/1 string (bit i is

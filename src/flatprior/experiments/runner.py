@@ -42,6 +42,7 @@ class SweepSummary:
     wall_time_s: float
 
     def line(self) -> str:
+        """One line for the terminal: runs stored, run now, failed, wall time."""
         return (
             f"{self.label}: {self.total} runs, {self.skipped} already stored, {self.done} run now "
             f"({self.failed} failed) in {self.wall_time_s:.1f} s"
@@ -70,8 +71,11 @@ def import_run_fn(path: str) -> RunFn:
 
 
 def _single_thread() -> None:
-    """One BLAS/torch thread in this worker: workers share the cores, and for the study's small
-    networks oversubscription costs more than intra-op parallelism gains."""
+    """One BLAS/torch thread in this worker.
+
+    Workers share the cores, and for the study's small networks oversubscription costs more
+    than intra-op parallelism gains.
+    """
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = "1"  # read by torch/numpy when they are first imported
     torch = sys.modules.get("torch")
@@ -124,8 +128,11 @@ def _json_safe(obj):
 
 
 def preflight(configs: Sequence) -> None:
-    """Fail fast (one line) on what would make every run fail: missing data files, sizes larger
-    than the data set, the arc-cosine kernel asked of a non-FCN model."""
+    """Fail fast (one line) on what would make every run fail.
+
+    Missing data files, sizes larger than the data set, the arc-cosine kernel asked of a
+    non-FCN model.
+    """
     from flatprior.pipeline import build_task
 
     seen = set()
@@ -206,6 +213,7 @@ def run_sweep(
         progress: show a rich progress bar with ETA (on stderr).
         on_record: called with each stored record (in this process).
         connect_timeout: seconds to wait for the Dask scheduler.
+        console: rich console for the progress bar and messages (default: stderr).
 
     Returns:
         A :class:`SweepSummary`.

@@ -173,6 +173,9 @@ def flatness_measures(
     trace.
 
     Args:
+        model: the trained network (not modified).
+        inputs: the set S, ``[N, ...]``.
+        targets: its 0/1 labels, ``[N]`` or ``[N, 1]``.
         loss_fn: mean loss; default ``BCEWithLogitsLoss()`` (one logit, float 0/1 targets whose
             shape is made to match the logits ``[N, 1]``).
         which: subset of ``MEASURES`` to compute.

@@ -180,7 +180,17 @@ def keskar_sharpness(
     return_details: bool = False,
     callback: Callable[[int, float], None] | None = None,
 ) -> float | SharpnessResult:
-    """Keskar sharpness ``100 (max_{delta in C_eps} L(w+delta) - L(w)) / (1 + L(w))``.
+    r"""Keskar sharpness: the largest relative loss increase in a box around the weights.
+
+    $$
+    \phi_{w,\epsilon} = 100 \cdot
+        \frac{\max_{\delta \in C_\epsilon} L(w + \delta) - L(w)}{1 + L(w)},
+    \qquad C_\epsilon = \{\delta : |\delta_i| \le \epsilon\,(|w_i| + 1)\}
+    $$
+
+    with ``L`` the mean loss over ``(inputs, targets)`` in eval mode (Keskar et al., ICLR 2017,
+    Def. 2.1; Zhang et al., arXiv 2103.06219, Def. 2.1). The value is in percent of
+    ``1 + L(w)``; see the module docstring for the two maximisers.
 
     Args:
         model: the trained network; it is deep-copied, the original is left unchanged
@@ -213,6 +223,18 @@ def keskar_sharpness(
     Raises:
         FlatpriorError: bad ``eps``/``method``/sizes, empty data, no trainable parameters, or a
             loss that is NaN/inf.
+
+    Example:
+        A linear model at ``w = 0`` with targets 1 on the basis inputs: the loss
+        ``(1/3) sum (delta_i - 1)^2`` is largest at the corner ``delta = -eps``, so the sharpness
+        is ``100 ((1 + eps)^2 - 1) / (1 + 1)``:
+
+        >>> import torch
+        >>> net = torch.nn.Linear(3, 1, bias=False)
+        >>> _ = torch.nn.init.zeros_(net.weight)
+        >>> keskar_sharpness(net, torch.nn.MSELoss(), torch.eye(3), torch.ones(3, 1), eps=1e-2,
+        ...                  method="lbfgsb")
+        1.005
     """
     check_positive("eps", eps)
     check_choice("sharpness method", method, METHODS)
