@@ -3,6 +3,15 @@
 The prior P(f) of a wide network is the probability that a Gaussian process with the network's
 NNGP kernel takes the signs of f (see :mod:`flatprior.prior.ep`). These functions build that
 kernel, always in float64.
+
+Example:
+    :func:`arccos_kernel` on orthogonal unit inputs (``d = 2``, no bias): ``K^0 = I``, and one
+    ReLU layer gives ``theta = pi/2``, hence ``K^1 = [[1, 1/pi], [1/pi, 1]]``:
+
+    >>> import math, torch
+    >>> K = arccos_kernel(torch.eye(2), depth=1, sigma_w2=2.0, sigma_b2=0.0)
+    >>> torch.allclose(K, torch.tensor([[1, 1 / math.pi], [1 / math.pi, 1]]).double())
+    True
 """
 
 from __future__ import annotations
@@ -107,15 +116,6 @@ def arccos_kernel(
             kernel that is numerically constant: ``max(1 - K_ij / sqrt(K_ii K_jj))`` below
             ``1e-4`` times the inputs' ``max(1 - cos(x_i, x_j))``, which happens when
             ``sigma_b2 >> sigma_w2``; ``ln P(f)`` of such a kernel is set by rounding/jitter.
-
-    Example:
-        Orthogonal unit inputs (``d = 2``, no bias): ``K^0 = I``, and one ReLU layer gives
-        ``theta = pi/2``, hence ``K^1 = [[1, 1/pi], [1/pi, 1]]``:
-
-        >>> import math, torch
-        >>> K = arccos_kernel(torch.eye(2), depth=1, sigma_w2=2.0, sigma_b2=0.0)
-        >>> torch.allclose(K, torch.tensor([[1, 1 / math.pi], [1 / math.pi, 1]]).double())
-        True
     """
     a, b, sw2, sb2 = _kernel_inputs(x, x2, depth, sigma_w2, sigma_b2)
     d = a.shape[1]
