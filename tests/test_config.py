@@ -123,6 +123,14 @@ def test_registry_derived_tables_are_the_ones_the_analysis_used():
     assert measures.measure_of_column("test_error") is None
 
 
+def test_registry_flatness_group_matches_flatness_measures_dispatch():
+    from flatprior import flatness
+
+    grouped = {n for n, m in measures.REGISTRY.items()
+               if m.compute == "flatprior.pipeline:flatness_group"}
+    assert grouped == set(flatness.MEASURES)
+
+
 def test_unknown_measure_is_one_line_naming_the_registry():
     from flatprior.errors import FlatpriorError
 

@@ -1,9 +1,10 @@
 """One run of the study: task -> model -> train to zero error -> measures -> one flat record.
 
-:class:`RunConfig` holds every choice of a run (validated by pydantic); :func:`run` executes it
-and returns a JSON-serialisable record that contains the full config, the library versions, the
-results and the per-epoch history. The record's ``key`` is a hash of the config, so a sweep can
-skip runs it already has.
+:class:`RunConfig` (defined in :mod:`flatprior.config`, re-exported here) holds every choice of
+a run; :func:`run` executes it and returns a JSON-serialisable record that contains the full
+config, the library versions, the results and the per-epoch history. The record's ``key`` is a
+hash of the config, so a sweep can skip runs it already has. The measures are dispatched
+through the registry in :mod:`flatprior.measures`.
 """
 
 from __future__ import annotations
