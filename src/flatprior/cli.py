@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from flatprior.config import RunConfig, make_config
+from flatprior.config import RunConfig
 from flatprior.errors import FlatpriorError
 from flatprior.measures import MEASURES
 from flatprior.names import DATASETS, MODELS, OPTIMIZERS
@@ -106,7 +106,7 @@ def train(
     """Train one network to zero training error and measure it."""
     # every option named like a RunConfig field goes into the config (no hand copy to forget)
     fields = {k: v for k, v in locals().items() if k in RunConfig.model_fields}
-    from flatprior.pipeline import run
+    from flatprior.pipeline import make_config, run
 
     fields.update(data_root=str(data_root) if data_root else None, measures=_measures(measures))
     cfg = make_config(**fields)
