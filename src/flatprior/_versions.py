@@ -1,5 +1,8 @@
-"""Library versions stored with every record and checkpoint (no flatprior imports besides the
-package version, so pipeline.py and checkpoint.py can both use it without a cycle)."""
+"""Library versions stored with every record and checkpoint.
+
+No flatprior imports besides the package version, so pipeline.py and checkpoint.py can both use
+it without a cycle.
+"""
 
 from __future__ import annotations
 

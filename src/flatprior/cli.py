@@ -13,7 +13,10 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from flatprior.config import RunConfig
 from flatprior.errors import FlatpriorError
+from flatprior.measures import MEASURES
+from flatprior.names import DATASETS, MODELS, OPTIMIZERS
 
 app = typer.Typer(
     add_completion=False,
@@ -50,39 +53,57 @@ def _epoch_progress(total: int):
     return prog, update
 
 
+def _default(field: str):
+    """``RunConfig``'s default of ``field``: the ``train`` options default to the config's."""
+    return RunConfig.model_fields[field].default
+
+
+#: RunConfig fields that `flatprior train` has no option for (they keep RunConfig's defaults;
+#: `flatprior run SPEC --set FIELD=VALUE` sets any field). tests/test_config.py checks that every
+#: other field is an option with RunConfig's default.
+TRAIN_NOT_EXPOSED = (
+    "boolean_target", "data_seed", "hidden", "width", "sigma_w2", "sigma_b", "zero_error_on",
+    "loss_reduction", "augment", "topk", "kernel", "kernel_draws", "pac_bayes_delta",
+    "measure_every", "epoch_measures", "alpha_epoch", "alpha_after_zero_error", "alpha_layer",
+    "alpha", "sam_rho", "adaptive_norm", "adaptive_rho", "adaptive_avg_rho", "adaptive_iters",
+    "adaptive_m", "adaptive_samples", "pac_bayes_target", "pac_bayes_metric", "pac_bayes_samples",
+)
+_MEASURES_HELP = ("comma list of " + ", ".join(MEASURES) + "; or 'none' (`flatprior list` "
+                  "specs set others; the measures are defined in flatprior.measures)")
+
+
 @app.command()
 def train(
-    dataset: Annotated[
-        str, typer.Option(help="boolean | digits | mnist | cifar10 | file")] = "digits",
+    dataset: Annotated[str, typer.Option(help=" | ".join(DATASETS))] = _default("dataset"),
     data_root: Annotated[Path | None, typer.Option(help="folder with MNIST/CIFAR files")] = None,
     data_path: Annotated[
         Path | None, typer.Option(help="your .npz (x, y) or .csv file (sets --dataset file)")
     ] = None,
-    label_column: Annotated[str, typer.Option(help="label column of a .csv data file")] = "label",
-    n_train: Annotated[int, typer.Option(help="|S|")] = 500,
-    n_attack: Annotated[int, typer.Option(help="|A| (labels flipped)")] = 0,
-    n_test: Annotated[int, typer.Option(help="|E|")] = 1000,
-    model: Annotated[str, typer.Option(help="fcn | cnn | resnet18 | resnet50")] = "fcn",
-    optimizer: Annotated[str, typer.Option(help="sgd, momentum, adam, sam, asam, …")] = "sgd",
+    label_column: Annotated[str, typer.Option(help="label column of a .csv data file")] = (
+        _default("label_column")
+    ),
+    n_train: Annotated[int, typer.Option(help="|S|")] = _default("n_train"),
+    n_attack: Annotated[int, typer.Option(help="|A| (labels flipped)")] = _default("n_attack"),
+    n_test: Annotated[int, typer.Option(help="|E|")] = _default("n_test"),
+    model: Annotated[str, typer.Option(help=" | ".join(MODELS))] = _default("model"),
+    optimizer: Annotated[str, typer.Option(help=", ".join(OPTIMIZERS))] = _default("optimizer"),
     lr: Annotated[float | None, typer.Option(help="learning rate (default per optimizer)")] = None,
-    batch_size: int = 128,
-    max_epochs: int = 2000,
-    overtrain_epochs: int = 0,
-    seed: int = 0,
-    measures: Annotated[
-        str,
-        typer.Option(
-            help="comma list of sharpness, spectral_norm, logprod_topk, trace, "
-            "relative_flatness, adaptive_worst, adaptive_average, pac_bayes_flatness, "
-            "pac_bayes_mag_flatness, path_norm, log_prod_spectral, log_prod_frobenius, "
-            "log_prior, pac_bayes; or 'none'"
-        ),
-    ] = "sharpness,log_prior,pac_bayes",
-    sharpness_eps: float = 1e-4,
-    sharpness_method: str = "sgd",
-    sharpness_epochs: int = 100,
-    prior_method: str = "ep",
-    fam_strength: Annotated[float, typer.Option(help="λ of the FAM regulariser")] = 0.0,
+    batch_size: int = _default("batch_size"),
+    max_epochs: int = _default("max_epochs"),
+    overtrain_epochs: int = _default("overtrain_epochs"),
+    seed: int = _default("seed"),
+    measures: Annotated[str, typer.Option(help=_MEASURES_HELP)] = ",".join(_default("measures")),
+    sharpness_eps: float = _default("sharpness_eps"),
+    sharpness_method: Annotated[str, typer.Option(help="sgd | lbfgsb")] = _default(
+        "sharpness_method"
+    ),
+    sharpness_epochs: int = _default("sharpness_epochs"),
+    prior_method: Annotated[str, typer.Option(help="ep | tilting | mc")] = _default(
+        "prior_method"
+    ),
+    fam_strength: Annotated[float, typer.Option(help="λ of the FAM regulariser")] = _default(
+        "fam_strength"
+    ),
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON record")] = False,
     history: Annotated[bool, typer.Option(help="keep per-epoch history in the JSON")] = False,
     save_model: Annotated[
@@ -90,30 +111,14 @@ def train(
     ] = None,
 ) -> None:
     """Train one network to zero training error and measure it."""
+    # every option named like a RunConfig field goes into the config (no hand copy to forget)
+    fields = {k: v for k, v in locals().items() if k in RunConfig.model_fields}
     from flatprior.pipeline import make_config, run
 
-    cfg = make_config(
-        dataset="file" if data_path is not None else dataset,
-        data_root=str(data_root) if data_root else None,
-        data_path=str(data_path.expanduser().resolve()) if data_path is not None else None,
-        label_column=label_column,
-        n_train=n_train,
-        n_attack=n_attack,
-        n_test=n_test,
-        model=model,
-        optimizer=optimizer,
-        lr=lr,
-        batch_size=batch_size,
-        max_epochs=max_epochs,
-        overtrain_epochs=overtrain_epochs,
-        seed=seed,
-        measures=_measures(measures),
-        sharpness_eps=sharpness_eps,
-        sharpness_method=sharpness_method,
-        sharpness_epochs=sharpness_epochs,
-        prior_method=prior_method,
-        fam_strength=fam_strength,
-    )
+    fields.update(data_root=str(data_root) if data_root else None, measures=_measures(measures))
+    if data_path is not None:
+        fields.update(dataset="file", data_path=str(data_path.expanduser().resolve()))
+    cfg = make_config(**fields)
     prog, update = _epoch_progress(max_epochs)
     with prog:
         rec = run(cfg, progress=update, save_model=str(save_model) if save_model else None)
@@ -135,8 +140,10 @@ def train(
 
 
 def _print_correlations(table, title: str, granulated=None) -> None:
-    """A correlation table (long form from ``correlation_table``) as a rich table on stdout;
-    with ``granulated`` (``granulated_table``) its Ψ and per-axis τ's beside Kendall's τ."""
+    """Print a correlation table (long form, from ``correlation_table``) as a rich table.
+
+    With ``granulated`` (``granulated_table``) its Ψ and per-axis τ's beside Kendall's τ.
+    """
     from flatprior.analysis import wide_table
 
     if table is None or table.empty:

@@ -1,186 +1,42 @@
 """One run of the study: task -> model -> train to zero error -> measures -> one flat record.
 
-:class:`RunConfig` holds every choice of a run (validated by pydantic); :func:`run` executes it
-and returns a JSON-serialisable record that contains the full config, the library versions, the
-results and the per-epoch history. The record's ``key`` is a hash of the config, so a sweep can
-skip runs it already has.
+:class:`RunConfig` (defined in :mod:`flatprior.config`, re-exported here) holds every choice of
+a run; :func:`run` executes it and returns a JSON-serialisable record that contains the full
+config, the library versions, the results and the per-epoch history. The record's ``key`` is a
+hash of the config, so a sweep can skip runs it already has. The measures are dispatched
+through the registry in :mod:`flatprior.measures`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
+
+from flatprior._versions import versions
+from flatprior.config import (
+    LATER_FIELDS,
+    NON_KEY_FIELDS,
+    RunConfig,
+    make_config,
+    validation_message,
 )
-
-from flatprior._versions import versions  # noqa: F401  (also flatprior.pipeline.versions)
 from flatprior.errors import FlatpriorError
+from flatprior.measures import FLATNESS_MEASURES, MEASURES, PRIOR_MEASURES, REGISTRY
 
-FLATNESS_MEASURES = ("sharpness", "sharpness_lbfgsb", "spectral_norm", "logprod_topk", "trace",
-                     "relative_flatness", "adaptive_worst", "adaptive_average",
-                     "pac_bayes_flatness", "pac_bayes_mag_flatness", "path_norm",
-                     "log_prod_spectral", "log_prod_frobenius")
-PRIOR_MEASURES = ("log_prior", "pac_bayes")
-MEASURES = FLATNESS_MEASURES + PRIOR_MEASURES
-# Fields that say where things are, not what is computed: left out of the run key.
-NON_KEY_FIELDS = ("data_root",)
-# Fields added after runs were first stored: in the key only when set away from their default,
-# so the keys (and resumability) of existing result databases do not change.
-LATER_FIELDS = ("data_path", "label_column", "sam_rho", "adaptive_norm", "adaptive_rho",
-                "adaptive_avg_rho", "adaptive_iters", "adaptive_m", "adaptive_samples",
-                "pac_bayes_target", "pac_bayes_metric", "pac_bayes_samples")
-
-
-class RunConfig(BaseModel):
-    """Every choice of one run. Unknown fields and wrong types are errors."""
-
-    # allow_inf_nan=False: an inf/NaN number in a config is always a mistake
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    # data
-    dataset: str = "digits"
-    data_root: str | None = None
-    data_path: str | None = None  # dataset "file": your .npz / .csv (flatprior.data.files)
-    label_column: str = "label"  # dataset "file", .csv: the label column
-    n_train: int = Field(500, ge=1)
-    n_attack: int = Field(0, ge=0)
-    n_test: int | None = Field(1000, ge=0)
-    boolean_target: str | None = None
-    data_seed: int | None = Field(None, ge=0)  # None: use ``seed``
-    # model
-    model: str = "fcn"
-    hidden: tuple[Annotated[int, Field(ge=1)], ...] = (40, 40)
-    width: int | None = Field(None, ge=1)
-    sigma_w2: float = Field(2.0, gt=0)
-    sigma_b: float = Field(1.0, ge=0)
-    # training
-    seed: int = Field(0, ge=0)
-    optimizer: str = "sgd"
-    lr: float | None = Field(None, gt=0)
-    batch_size: int = Field(128, ge=1)
-    max_epochs: int = Field(2000, ge=1)
-    overtrain_epochs: int = Field(0, ge=0)
-    zero_error_on: Literal["train", "train+attack"] = "train"
-    loss_reduction: Literal["mean", "sum"] = "mean"
-    augment: bool = False
-    fam_strength: float = Field(0.0, ge=0)
-    sam_rho: float | None = Field(None, ge=0)  # rho of sam/asam; None: the optimizer's default
-    # measures at the end of training
-    measures: tuple[str, ...] = ("sharpness", "log_prior")
-    sharpness_eps: float = Field(1e-4, gt=0)
-    sharpness_method: Literal["sgd", "lbfgsb"] = "sgd"
-    sharpness_epochs: int = Field(100, ge=1)
-    topk: int = Field(50, ge=1)
-    prior_method: Literal["ep", "tilting", "mc"] = "ep"
-    kernel: Literal["arccos", "empirical"] = "arccos"
-    kernel_draws: int = Field(200, ge=1)
-    pac_bayes_delta: float = Field(0.05, gt=0, lt=1)
-    # adaptive sharpness (worst: APGD in the |w|-scaled ball; average: Gaussian, l2) and
-    # PAC-Bayes flatness (see flatprior.flatness.flatness_measures)
-    adaptive_norm: Literal["linf", "l2"] = "linf"
-    adaptive_rho: float = Field(0.01, gt=0)
-    adaptive_avg_rho: float = Field(0.1, gt=0)
-    adaptive_iters: int = Field(20, ge=1)
-    adaptive_m: int | None = Field(None, ge=1)
-    adaptive_samples: int = Field(100, ge=2)
-    pac_bayes_target: float = Field(0.1, gt=0)
-    pac_bayes_metric: Literal["loss", "error"] = "loss"
-    pac_bayes_samples: int = Field(10, ge=2)
-    # per-epoch measures (Fig 5): every ``measure_every`` epochs, 0 = never
-    measure_every: int = Field(0, ge=0)
-    epoch_measures: tuple[str, ...] = ("sharpness", "log_prior")
-    # Dinh alpha-scaling applied in place at the end of epoch ``alpha_epoch`` (after zero error
-    # if ``alpha_after_zero_error``)
-    alpha_epoch: int | None = Field(None, ge=0)
-    alpha_after_zero_error: bool = True
-    alpha_layer: int = Field(0, ge=0)
-    alpha: float = Field(5.0, gt=0)
-
-    @field_validator("measures", "epoch_measures")
-    @classmethod
-    def _known_measures(cls, v):
-        bad = [m for m in v if m not in MEASURES]
-        if bad:
-            raise ValueError(f"unknown measure(s) {bad}; choose from {list(MEASURES)}")
-        return tuple(v)
-
-    @field_validator("dataset")
-    @classmethod
-    def _known_dataset(cls, v):
-        from flatprior.data import DATASETS
-
-        if v not in DATASETS:
-            raise ValueError(f"unknown dataset {v!r}; choose one of {list(DATASETS)}")
-        return v
-
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, v):
-        from flatprior.models import MODELS
-
-        if v not in MODELS:
-            raise ValueError(f"unknown model {v!r}; choose one of {list(MODELS)}")
-        return v
-
-    @field_validator("optimizer")
-    @classmethod
-    def _known_optimizer(cls, v):
-        from flatprior.train import OPTIMIZERS
-
-        if v not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {v!r}; choose one of {sorted(OPTIMIZERS)}")
-        return v
-
-    @model_validator(mode="after")
-    def _file_needs_path(self):
-        if self.dataset == "file" and not self.data_path:
-            raise ValueError("dataset 'file' needs data_path (a .npz with arrays x, y or a .csv)")
-        if self.dataset != "file" and self.data_path:
-            raise ValueError(f"data_path is only read with dataset='file' (got {self.dataset!r})")
-        return self
-
-    def key(self) -> str:
-        """16-hex-digit hash of the config (without paths): the run's identity in a store."""
-        d = self.model_dump(mode="json", exclude=set(NON_KEY_FIELDS))
-        for f in LATER_FIELDS:
-            if d[f] == RunConfig.model_fields[f].default:
-                del d[f]
-        blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def make_config(**fields: Any) -> RunConfig:
-    """Build a :class:`RunConfig`, turning pydantic's report into one FlatpriorError line."""
-    try:
-        return RunConfig(**fields)
-    except ValidationError as exc:
-        raise FlatpriorError(validation_message(exc)) from None
-
-
-def validation_message(exc: ValidationError) -> str:
-    parts = []
-    for e in exc.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "config"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = f"unknown field (valid: {', '.join(RunConfig.model_fields)})"
-        parts.append(f"{loc}: {msg}")
-    return "invalid run config: " + "; ".join(parts)
+__all__ = [
+    "FLATNESS_MEASURES", "LATER_FIELDS", "MEASURES", "NON_KEY_FIELDS", "PRIOR_MEASURES",
+    "RunConfig", "build_model", "build_task", "compute_measures", "flatness_group", "kernel_of",
+    "make_config", "prior_group", "prior_measures", "run", "sharpness_lbfgsb",
+    "validation_message", "versions",
+]
 
 
 def build_task(cfg: RunConfig):
+    """The run's :class:`flatprior.data.Task` (S, A, E drawn from ``data_seed`` or ``seed``)."""
     from flatprior.data import make_task
 
     return make_task(
@@ -197,6 +53,7 @@ def build_task(cfg: RunConfig):
 
 
 def build_model(cfg: RunConfig, input_shape, seed: int | None = None):
+    """The run's initialised network for inputs of ``input_shape`` (``seed`` overrides)."""
     from flatprior.models import make_model
 
     return make_model(
@@ -213,54 +70,52 @@ def build_model(cfg: RunConfig, input_shape, seed: int | None = None):
 def compute_measures(model, task, cfg: RunConfig, which) -> dict[str, Any]:
     """Flatness and prior measures of ``model`` on ``task`` (eval mode, un-augmented data).
 
+    Dispatched through :data:`flatprior.measures.REGISTRY`: the requested measures are grouped
+    by their compute function (measures that share one are computed by one call, e.g. the
+    Hessian measures on one operator), groups in registry order.
+
     Flatness is measured on the clean training set S with the mean BCE loss. log P(f) is taken on
     X = S ∪ E (attack set excluded) with the network's own predictions as labels; the PAC-Bayes
     bound uses the log marginal likelihood of S's true labels.
     """
+    groups: dict[str, list[str]] = {}
+    for name in REGISTRY:
+        if name in which:
+            groups.setdefault(REGISTRY[name].compute, []).append(name)
     out: dict[str, Any] = {}
-    flat = [m for m in which if m in FLATNESS_MEASURES and m != "sharpness_lbfgsb"]
-    if "sharpness_lbfgsb" in which:
-        out.update(sharpness_lbfgsb(model, task, cfg))
-    if flat:
-        from flatprior.flatness import flatness_measures
-
-        out.update(
-            flatness_measures(
-                model,
-                task.x_train,
-                task.y_train,
-                which=tuple(flat),
-                eps=cfg.sharpness_eps,
-                sharpness_method=cfg.sharpness_method,
-                sharpness_epochs=cfg.sharpness_epochs,
-                topk=cfg.topk,
-                adaptive_norm=cfg.adaptive_norm,
-                adaptive_rho=cfg.adaptive_rho,
-                adaptive_avg_rho=cfg.adaptive_avg_rho,
-                adaptive_iters=cfg.adaptive_iters,
-                adaptive_m=cfg.adaptive_m,
-                adaptive_samples=cfg.adaptive_samples,
-                pac_bayes_target=cfg.pac_bayes_target,
-                pac_bayes_metric=cfg.pac_bayes_metric,
-                pac_bayes_samples=cfg.pac_bayes_samples,
-                seed=cfg.seed,
-            )
-        )
-    if "log_prior" in which or "pac_bayes" in which:
-        out.update(
-            prior_measures(
-                model, task, cfg, pac_bayes="pac_bayes" in which, log_prior="log_prior" in which
-            )
-        )
+    for names in groups.values():
+        out.update(REGISTRY[names[0]].function()(model, task, cfg, tuple(names)))
     return out
 
 
-def sharpness_lbfgsb(model, task, cfg: RunConfig) -> dict[str, Any]:
+def flatness_group(model, task, cfg: RunConfig, which) -> dict[str, Any]:
+    """The measures of :func:`flatprior.flatness.flatness_measures` in ``which``, on S."""
+    from flatprior.flatness import flatness_measures
+
+    return flatness_measures(
+        model, task.x_train, task.y_train, which=tuple(which), eps=cfg.sharpness_eps,
+        sharpness_method=cfg.sharpness_method, sharpness_epochs=cfg.sharpness_epochs,
+        topk=cfg.topk, adaptive_norm=cfg.adaptive_norm, adaptive_rho=cfg.adaptive_rho,
+        adaptive_avg_rho=cfg.adaptive_avg_rho, adaptive_iters=cfg.adaptive_iters,
+        adaptive_m=cfg.adaptive_m, adaptive_samples=cfg.adaptive_samples,
+        pac_bayes_target=cfg.pac_bayes_target, pac_bayes_metric=cfg.pac_bayes_metric,
+        pac_bayes_samples=cfg.pac_bayes_samples, seed=cfg.seed,
+    )
+
+
+def prior_group(model, task, cfg: RunConfig, which) -> dict[str, Any]:
+    """``log_prior`` and/or ``pac_bayes`` (in ``which``) on one kernel: :func:`prior_measures`."""
+    return prior_measures(model, task, cfg, log_prior="log_prior" in which,
+                          pac_bayes="pac_bayes" in which)
+
+
+def sharpness_lbfgsb(model, task, cfg: RunConfig, which=("sharpness_lbfgsb",)) -> dict[str, Any]:
     """Keskar sharpness maximised by L-BFGS-B (maxiter 10, full batch, float64) on S.
 
     Stored beside the ascent's ``sharpness`` so a record shows how converged the ascent was
     (Keskar et al.'s own maximiser; measured converged at maxiter 10 on MNIST FCNs). Keys:
-    ``sharpness_lbfgsb``, ``sharpness_lbfgsb_time_s``.
+    ``sharpness_lbfgsb``, ``sharpness_lbfgsb_time_s``. ``which`` is the registry's call
+    protocol (this function computes one measure).
     """
     from torch import nn
 
@@ -301,6 +156,12 @@ def kernel_of(x: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
 
 
 def prior_measures(model, task, cfg: RunConfig, *, log_prior=True, pac_bayes=True):
+    """Compute log P(f) on S ∪ E and/or the PAC-Bayes bound (from S's labels) on one kernel.
+
+    Keys: ``kernel_time_s``; ``log_prior`` (natural log), ``log_prior_converged``,
+    ``log_prior_std_err``/``_ci_low``/``_ci_high`` (where the method gives them),
+    ``log_prior_time_s``; ``log_p_train``, ``pac_bayes_bound``, ``pac_bayes_time_s``.
+    """
     from flatprior.prior import log_prior as log_prior_fn
     from flatprior.prior import pac_bayes_bound
     from flatprior.train import predict
@@ -386,7 +247,7 @@ def run(
     (``<measure>_time_s``), and ``history`` (per-epoch metrics, plus measures every
     ``measure_every`` epochs).
     """
-    from flatprior.train import TrainConfig, train
+    from flatprior.train import train
 
     if isinstance(cfg, dict):
         cfg = make_config(**cfg)
@@ -394,19 +255,7 @@ def run(
     task = build_task(cfg)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, task.input_shape)
-    tcfg = TrainConfig(
-        optimizer=cfg.optimizer,
-        lr=cfg.lr,
-        batch_size=cfg.batch_size,
-        max_epochs=cfg.max_epochs,
-        overtrain_epochs=cfg.overtrain_epochs,
-        zero_error_on=cfg.zero_error_on,
-        loss_reduction=cfg.loss_reduction,
-        augment=cfg.augment,
-        fam_strength=cfg.fam_strength,
-        optimizer_kwargs={} if cfg.sam_rho is None else {"rho": cfg.sam_rho},
-        seed=cfg.seed,
-    )
+    tcfg = cfg.train_config()
     callbacks: list[Callable] = []
     if cfg.alpha_epoch is not None:
         callbacks.append(_alpha_callback(cfg, task))

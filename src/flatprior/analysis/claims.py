@@ -88,6 +88,7 @@ class Claim:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
+        """The claim as a JSON-able dict (non-finite numbers become ``None``)."""
         d = asdict(self)
         for k in ("value", "ci_low", "ci_high"):
             if isinstance(d[k], float) and not math.isfinite(d[k]):
@@ -112,8 +113,10 @@ def _num(df: pd.DataFrame, col: str) -> np.ndarray:
 
 # -- (a), (b): attack-set sweeps -----------------------------------------------------------------
 def attack_runs(df: pd.DataFrame) -> pd.DataFrame:
-    """Runs of attack-set sweeps that reached zero error, measured at zero error (no
-    overtraining), one row per distinct key, sorted by key (row order never matters)."""
+    """Runs of attack-set sweeps that reached zero error, measured at zero error.
+
+    No overtraining; one row per distinct key, sorted by key (row order never matters).
+    """
     if df.empty or "status" not in df:
         return df.iloc[0:0]
     d = df[(df["status"] == "zero_error")]
@@ -125,8 +128,10 @@ def attack_runs(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def attack_claims(df: pd.DataFrame, *, n_boot: int, seed: int) -> list[Claim]:
-    """(a) and (b) for each system (dataset, model, |S|) with attack-set runs; runs of
-    different systems are never pooled."""
+    """Claims (a) and (b) for each system (dataset, model, |S|) with attack-set runs.
+
+    Runs of different systems are never pooled.
+    """
     runs = attack_runs(df)
     cols = [c for c in ("dataset", "model", "n_train") if c in runs]
     if runs.empty or not cols:
@@ -253,8 +258,11 @@ def _sharp_key(entry: dict[str, Any]) -> str | None:
 
 
 def alpha_events(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    """One row per α event: ratio of sharpness after/before on the same weights, Δ log P,
-    whether the predictions stayed identical, and train-error epochs after the event."""
+    """One row per α event of the per-epoch runs.
+
+    Columns: ratio of sharpness after/before on the same weights, Δ log P, whether the
+    predictions stayed identical, and train-error epochs after the event.
+    """
     rows = []
     for rec in records:
         hist = rec.get("history") or []

@@ -24,28 +24,15 @@ import pandas as pd
 from scipy import stats
 
 from flatprior.errors import FlatpriorError
+from flatprior.measures import LOG_SCALE, MEASURE_COLUMNS, REGISTRY
 
-#: measure columns, in display order; ``logprod_top<k>`` is matched by pattern
-MEASURE_COLUMNS = (
-    "log_prior",
-    "sharpness",
-    "sharpness_lbfgsb",
-    "spectral_norm",
-    "logprod_topk",
-    "trace",
-    "relative_flatness",
-    "pac_bayes_bound",
-    "adaptive_worst",
-    "adaptive_average",
-    "pac_bayes_flatness",
-    "pac_bayes_mag_flatness",
-    "path_norm",
-    "log_prod_spectral",
-    "log_prod_frobenius",
-)
-LOG_SCALE = ("sharpness", "sharpness_lbfgsb", "spectral_norm", "trace", "relative_flatness",
-             "adaptive_worst", "adaptive_average", "pac_bayes_flatness", "pac_bayes_mag_flatness",
-             "path_norm")
+# MEASURE_COLUMNS (display order; ``logprod_top<k>`` matched by pattern) and LOG_SCALE (Pearson r
+# on log10) come from the measure registry and are re-exported here
+__all__ = [
+    "LOG_SCALE", "MEASURE_COLUMNS", "METHODS", "SPLIT_FIELDS", "boolean_table", "correlation",
+    "correlation_table", "epochs_summary", "granulated_kendall", "granulated_table",
+    "measure_columns", "split_fields", "swept_axes", "wide_granulated", "wide_table",
+]
 #: the sign of tau with the test error a measure should have if it predicts generalization:
 #: a higher prior probability means a simpler function (Zhang et al.); every other measure is a
 #: complexity measure (Jiang et al. 2020), larger = worse generalization.
@@ -55,14 +42,14 @@ NON_AXES = ("seed", "data_seed", "data_root")
 METHODS = ("kendall", "spearman", "pearson")
 #: run fields that split the correlations when they take more than one value
 SPLIT_FIELDS = ("dataset", "model", "optimizer", "n_train", "overtrain_epochs", "lr")
-_LOGPROD = re.compile(r"^logprod_top\d+$")
 
 
 def measure_columns(df: pd.DataFrame) -> list[str]:
     """The measure columns of ``df`` that hold at least one number, in display order."""
     out = []
-    for m in MEASURE_COLUMNS:
-        cols = [c for c in df.columns if _LOGPROD.match(c)] if m == "logprod_topk" else [m]
+    for m in REGISTRY.values():
+        cols = ([c for c in df.columns if re.fullmatch(m.column_pattern, c)] if m.column_pattern
+                else [m.column])
         for c in cols:
             if c in df.columns and pd.to_numeric(df[c], errors="coerce").notna().any():
                 out.append(c)
@@ -89,7 +76,8 @@ def correlation(
     """One correlation with its p-value and a percentile-bootstrap interval.
 
     Args:
-        x, y: paired samples ``[n]`` (NaN pairs are dropped).
+        x: first sample ``[n]`` (pairs with a NaN are dropped).
+        y: second sample ``[n]``, paired with ``x``.
         method: ``kendall`` (τ-b), ``spearman`` (ρ) or ``pearson`` (r).
         n_boot: bootstrap resamples (0: no interval).
         confidence: interval level.
@@ -161,7 +149,9 @@ def correlation_table(
         group_by: fields to split by, extended by any :data:`SPLIT_FIELDS` that vary
             (``None``: no split at all).
         methods: any of ``kendall``, ``spearman``, ``pearson``.
-        n_boot, confidence, seed: bootstrap settings (see :func:`correlation`).
+        n_boot: bootstrap resamples (see :func:`correlation`).
+        confidence: interval level.
+        seed: bootstrap seed.
         status: keep only runs with this status (``None``: all).
 
     Returns:
@@ -294,10 +284,14 @@ def granulated_kendall(
     (resampled with replacement, all ψ_i and Ψ recomputed on each resample, seeded).
 
     Args:
-        df: one row per run. measure, target: columns. axes: the swept hyper-parameter columns
-            (at least one).
-        n_boot: bootstrap resamples (0: no intervals). confidence: interval level.
-        seed: bootstrap seed. status: keep only runs with this status (``None``: all).
+        df: one row per run.
+        measure: the measure column.
+        axes: the swept hyper-parameter columns (at least one).
+        target: the column it should predict.
+        n_boot: bootstrap resamples (0: no intervals).
+        confidence: interval level.
+        seed: bootstrap seed.
+        status: keep only runs with this status (``None``: all).
 
     Returns:
         ``{"measure", "n", "psi", "psi_ci_low", "psi_ci_high", "pooled_tau", "pooled_ci_low",
@@ -372,9 +366,12 @@ def granulated_table(
     seed: int = 0,
     status: str | None = "zero_error",
 ) -> pd.DataFrame:
-    """:func:`granulated_kendall` of every measure (one row each), ranked by ``Ψ`` times the
-    measure's :data:`EXPECTED_SIGN` (the predictors that work best in the direction their theory
-    says come first; column ``rank_score``). ``axes`` default: :func:`swept_axes`."""
+    """:func:`granulated_kendall` of every measure (one row each), ranked.
+
+    Ranked by ``Ψ`` times the measure's :data:`EXPECTED_SIGN` (the predictors that work best
+    in the direction their theory says come first; column ``rank_score``). ``axes`` default:
+    :func:`swept_axes`.
+    """
     if df.empty:
         return pd.DataFrame()
     axes = swept_axes(df, status) if axes is None else list(axes)
@@ -461,9 +458,10 @@ def boolean_table(df: pd.DataFrame, top: int | None = 1000, prior=None) -> pd.Da
 
 
 def epochs_summary(record: dict) -> pd.DataFrame:
-    """Key moments of a per-epoch run (Figs 5, S9): the measures at the first measurement at or
-    after zero training error, the last one before the alpha-scaling, at the scaling, the first
-    one after it, and at the end.
+    """Key moments of a per-epoch run (Figs 5, S9).
+
+    The measures at the first measurement at or after zero training error, the last one before
+    the alpha-scaling, at the scaling, the first one after it, and at the end.
 
     Returns one row per moment: ``moment``, ``epoch``, ``train_error``, ``train_loss`` and each
     per-epoch measure (``sharpness``, ``log_prior``, …) recorded in ``history``.

@@ -23,23 +23,12 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from flatprior.analysis.correlations import LOG_SCALE, measure_columns, split_fields
+from flatprior.measures import REGISTRY, column_label
 
+#: axis labels of the non-measure columns; measure labels come from the measure registry
 LABELS = {
-    "log_prior": "log P(f)",
+    **{m.column: m.label.format(k="k") for m in REGISTRY.values()},
     "log_p_sampled": "log P(f) (sampled)",
-    "sharpness": "sharpness",
-    "sharpness_lbfgsb": "sharpness (L-BFGS-B)",
-    "spectral_norm": "Hessian spectral norm",
-    "trace": "Hessian trace",
-    "relative_flatness": "relative flatness",
-    "pac_bayes_bound": "PAC-Bayes bound",
-    "adaptive_worst": "adaptive worst-case sharpness",
-    "adaptive_average": "adaptive average sharpness",
-    "pac_bayes_flatness": "PAC-Bayes flatness 1/σ'²",
-    "pac_bayes_mag_flatness": "magnitude-aware PAC-Bayes flatness",
-    "path_norm": "path norm",
-    "log_prod_spectral": "log Π spectral norms²",
-    "log_prod_frobenius": "log Π Frobenius norms²",
     "test_error": "generalization error",
     "train_error": "train error",
     "train_loss": "train loss",
@@ -47,9 +36,8 @@ LABELS = {
 
 
 def label(col: str) -> str:
-    if col.startswith("logprod_top"):
-        return f"log Π top-{col[11:]} Hessian eigenvalues"
-    return LABELS.get(col, col)
+    """Axis label of column ``col`` (the column name itself if it has none)."""
+    return column_label(col) or LABELS.get(col, col)
 
 
 def to_png(fig: Figure, dpi: int = 110) -> bytes:
@@ -117,8 +105,10 @@ def attack_figure(
 
 
 def epochs_figure(record: dict[str, Any], *, title: str | None = None) -> Figure:
-    """Per-epoch curves of one run (its ``history``): train/test error, train loss, and the
-    per-epoch measures (``sharpness``, ``log_prior``, …) where they were taken.
+    """Per-epoch curves of one run (its ``history``).
+
+    Train/test error, train loss, and the per-epoch measures (``sharpness``, ``log_prior``, …)
+    where they were taken.
 
     Dotted grey line: first epoch of zero training error; red dashed line: the alpha-scaling.
     """
@@ -211,9 +201,12 @@ def boolean_figure(table: pd.DataFrame, *, title: str | None = None) -> Figure:
 
 
 def psi_figure(table: pd.DataFrame, *, title: str | None = None) -> Figure:
-    """Ψ (black, with its bootstrap interval) and the per-axis τ's (coloured markers) of every
+    """Ψ and the per-axis τ's of every measure of a granulated table.
+
+    Ψ in black with its bootstrap interval, the per-axis τ's as coloured markers, for every
     measure in a :func:`flatprior.analysis.correlations.granulated_table`, in its rank order
-    (best first, at the top). The sign is the raw one: log P(f) predicts with Ψ < 0."""
+    (best first, at the top). The sign is the raw one: log P(f) predicts with Ψ < 0.
+    """
     t = table.reset_index(drop=True)
     axes = [c[4:] for c in t.columns if c.startswith("tau_") and not c.endswith(
         ("_ci_low", "_ci_high"))]

@@ -1,5 +1,8 @@
-"""A self-contained HTML report of a results database: figures (base64 PNG), correlation tables,
-the configuration of every run, and the library versions. No external files or scripts."""
+"""A self-contained HTML report of a results database.
+
+Figures (base64 PNG), correlation tables, the configuration of every run, and the library
+versions. No external files or scripts.
+"""
 
 from __future__ import annotations
 
@@ -207,9 +210,12 @@ def _img(png: bytes, alt: str) -> str:
 
 
 def _runs_html(df: pd.DataFrame) -> str:
-    """The configuration of every run: the fields common to all (one JSON block) and, per run,
-    the fields that vary plus its results."""
-    from flatprior.pipeline import RunConfig
+    """The configuration of every run.
+
+    The fields common to all (one JSON block) and, per run, the fields that vary plus its
+    results.
+    """
+    from flatprior.config import RunConfig
 
     fields = [f for f in RunConfig.model_fields if f in df.columns]
     common = {f: df[f].iloc[0] for f in fields if df[f].nunique(dropna=False) <= 1}
@@ -258,8 +264,10 @@ def _claims_html(claims: list | str | None) -> str:
 
 def render_html(sections: list[SpecSection], *, title: str, source: str,
                 versions: list[dict[str, Any]], claims: list | str | None = None) -> str:
-    """The report page as one HTML string (no external resources); ``claims``: the verdicts
-    (first section), or a sentence saying why there are none."""
+    """The report page as one HTML string (no external resources).
+
+    ``claims``: the verdicts (first section), or a sentence saying why there are none.
+    """
     now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",

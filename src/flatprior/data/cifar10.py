@@ -57,8 +57,11 @@ def _binary(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_cifar10_binary(data_root: str | Path | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Car/cat images ``[n, 3, 32, 32]`` float32 in [0, 1] (one set of constants for train and
-    test: none) and labels (cat = 1), for ``train`` (the data batches present) and ``test``."""
+    """Car/cat images ``[n, 3, 32, 32]`` float32 in [0, 1] and labels (cat = 1).
+
+    For ``train`` (the data batches present) and ``test``; one set of constants for train and
+    test: none.
+    """
     root = _root(data_root)
     parts = [_binary(root / f) for f in TRAIN_FILES if (root / f).is_file()]
     test = _binary(root / TEST_FILE)

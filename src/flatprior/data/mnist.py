@@ -119,8 +119,10 @@ def _load_pair(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
 
 @lru_cache(maxsize=4)
 def _load_pair_cached(images: str, _mtime_i: int, labels: str, _mtime_l: int):
-    """Parsed files, cached per process (a sweep re-reads them for every run otherwise); the
-    modification times are part of the key so a replaced file is read again."""
+    """Parsed files, cached per process (a sweep re-reads them for every run otherwise).
+
+    The modification times are part of the key so a replaced file is read again.
+    """
     x, y = _load_pair(Path(images), Path(labels))
     x.flags.writeable = False  # shared between calls: nobody may modify it in place
     y.flags.writeable = False

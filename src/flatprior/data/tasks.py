@@ -9,8 +9,7 @@ import numpy as np
 import torch
 
 from flatprior.errors import FlatpriorError, check_choice, check_finite_tensor
-
-DATASETS = ("boolean", "digits", "mnist", "cifar10", "file")
+from flatprior.names import DATASETS
 
 
 @dataclass
@@ -38,10 +37,12 @@ class Task:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input, without the batch dimension."""
         return tuple(self.x_train.shape[1:])
 
     @property
     def sizes(self) -> dict[str, int]:
+        """``n_train``, ``n_attack``, ``n_test``: the sizes of S, A and E."""
         return {
             "n_train": len(self.y_train),
             "n_attack": len(self.y_attack),
@@ -50,6 +51,7 @@ class Task:
 
     @property
     def y_attack_true(self) -> torch.Tensor:
+        """The attack set's true labels (``y_attack`` holds the flipped ones)."""
         return 1.0 - self.y_attack
 
 
@@ -209,7 +211,9 @@ def make_task(
     Args:
         dataset: one of ``boolean``, ``digits`` (embedded default, ships with scikit-learn),
             ``mnist``, ``cifar10``.
-        n_train: |S|. n_attack: |A|. n_test: |E| (``None``: everything left).
+        n_train: |S|.
+        n_attack: |A|.
+        n_test: |E| (``None``: everything left).
         seed: draws the split (and nothing else).
         data_root: folder holding the MNIST IDX / CIFAR-10 binary files.
         target: ``boolean`` only — the target function as a 128-character 0/1 string (bit i is
@@ -217,7 +221,8 @@ def make_task(
             default: majority of the 7 bits. Input order: see
             :func:`flatprior.data.boolean.boolean_inputs`.
         download: MNIST only — fetch missing files (md5-verified) when the network allows.
-        data_path, label_column: ``file`` only — your ``.npz`` / ``.csv`` file and the CSV's
+        data_path: ``file`` only — your ``.npz`` / ``.csv`` file (:mod:`flatprior.data.files`).
+        label_column: ``file`` only — the CSV's
             label column (:mod:`flatprior.data.files`).
 
     Labels: digits/MNIST 1 iff digit >= 5; CIFAR-10 cat = 1, automobile = 0.

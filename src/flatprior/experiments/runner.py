@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from flatprior import measures
 from flatprior.errors import FlatpriorError
 from flatprior.experiments.store import FAILED, Store
 
@@ -41,6 +42,7 @@ class SweepSummary:
     wall_time_s: float
 
     def line(self) -> str:
+        """One line for the terminal: runs stored, run now, failed, wall time."""
         return (
             f"{self.label}: {self.total} runs, {self.skipped} already stored, {self.done} run now "
             f"({self.failed} failed) in {self.wall_time_s:.1f} s"
@@ -69,8 +71,11 @@ def import_run_fn(path: str) -> RunFn:
 
 
 def _single_thread() -> None:
-    """One BLAS/torch thread in this worker: workers share the cores, and for the study's small
-    networks oversubscription costs more than intra-op parallelism gains."""
+    """One BLAS/torch thread in this worker.
+
+    Workers share the cores, and for the study's small networks oversubscription costs more
+    than intra-op parallelism gains.
+    """
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = "1"  # read by torch/numpy when they are first imported
     torch = sys.modules.get("torch")
@@ -123,18 +128,22 @@ def _json_safe(obj):
 
 
 def preflight(configs: Sequence) -> None:
-    """Fail fast (one line) on what would make every run fail: missing data files, sizes larger
-    than the data set, the arc-cosine kernel asked of a non-FCN model."""
+    """Fail fast (one line) on what would make every run fail.
+
+    Missing data files, sizes larger than the data set, the arc-cosine kernel asked of a
+    non-FCN model.
+    """
     from flatprior.pipeline import build_task
 
     seen = set()
     for cfg in configs:
-        if "log_prior" in (*cfg.measures, *cfg.epoch_measures) and cfg.kernel == "arccos":
-            if cfg.model != "fcn":
-                raise FlatpriorError(
-                    f"log_prior with the arc-cosine kernel needs model='fcn', not {cfg.model!r}; "
-                    "use --set kernel=empirical"
-                )
+        kernel_measures = [m for m in (*cfg.measures, *cfg.epoch_measures)
+                           if measures.REGISTRY[m].needs_fcn]
+        if kernel_measures and cfg.kernel == "arccos" and cfg.model != "fcn":
+            raise FlatpriorError(
+                f"{kernel_measures[0]} with the arc-cosine kernel needs model='fcn', not "
+                f"{cfg.model!r}; use --set kernel=empirical"
+            )
     worst: dict[tuple, Any] = {}
     for cfg in configs:
         sig = (cfg.dataset, cfg.data_root, cfg.data_path, cfg.label_column, cfg.n_train,
@@ -205,6 +214,7 @@ def run_sweep(
         progress: show a rich progress bar with ETA (on stderr).
         on_record: called with each stored record (in this process).
         connect_timeout: seconds to wait for the Dask scheduler.
+        console: rich console for the progress bar and messages (default: stderr).
 
     Returns:
         A :class:`SweepSummary`.

@@ -1,7 +1,7 @@
 """Experiment specs: one validated description per paper figure, shipped as TOML files.
 
 A spec names what it reproduces, a ``base`` run configuration (fields of
-:class:`flatprior.pipeline.RunConfig`), a ``sweep`` (a grid: field -> list of values), presets
+:class:`flatprior.config.RunConfig`), a ``sweep`` (a grid: field -> list of values), presets
 (``quick`` for a laptop CPU, ``paper`` for the study's sizes) that override base and sweep, and
 optional variants (e.g. ``fig3``: ``mnist-fcn``, ``cifar-fcn``, ``cifar-resnet``). Layers are
 applied in the order
@@ -65,7 +65,7 @@ def _expand_axis(name: str, v: Any) -> list[Any]:
 
 
 def _check_fields(where: str, names) -> None:
-    from flatprior.pipeline import RunConfig
+    from flatprior.config import RunConfig
 
     valid = list(RunConfig.model_fields)
     for n in names:
@@ -170,7 +170,7 @@ class Resolved:
 
     def sharpness_settings(self, with_eps: bool = True) -> str:
         """How this preset measures sharpness, e.g. ``eps 0.0001, ascent 100 ep + L-BFGS-B``."""
-        from flatprior.pipeline import RunConfig
+        from flatprior.config import RunConfig
 
         def get(name):
             if name in self.base:
@@ -265,7 +265,7 @@ def load_spec(name: str) -> ExperimentSpec:
 
 # -- overrides ------------------------------------------------------------------------------------
 def _tuple_field(name: str) -> bool:
-    from flatprior.pipeline import RunConfig
+    from flatprior.config import RunConfig
 
     ann = RunConfig.model_fields[name].annotation
     return getattr(ann, "__origin__", None) is tuple
@@ -309,7 +309,7 @@ def load_overrides(path: str | Path) -> dict[str, Any]:
 
 
 def _apply_override(base: dict, sweep: dict, name: str, value: Any) -> None:
-    from flatprior.pipeline import RunConfig
+    from flatprior.config import RunConfig
 
     if name not in RunConfig.model_fields:
         valid = list(RunConfig.model_fields)
@@ -346,7 +346,7 @@ def _validated_axis(proto, base: dict, first: dict, name: str, values: list) -> 
     """The values of one sweep axis as validated by RunConfig (each value checked once)."""
     from pydantic import TypeAdapter
 
-    from flatprior.pipeline import RunConfig, make_config
+    from flatprior.config import RunConfig, make_config
 
     has_validator = any(
         name in d.info.fields or "*" in d.info.fields
@@ -382,7 +382,7 @@ def resolve(
         FlatpriorError: unknown preset/variant, unknown field, wrong type or out-of-range value
             (one line, naming the field).
     """
-    from flatprior.pipeline import RunConfig, make_config
+    from flatprior.config import RunConfig, make_config
 
     if isinstance(spec, str):
         spec = load_spec(spec)

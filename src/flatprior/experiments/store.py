@@ -140,8 +140,11 @@ class Store:
 
     @contextmanager
     def _writing(self) -> Iterator[None]:
-        """One transaction (COMMIT, or ROLLBACK on error); a failed write (disk full, read-only
-        file, locked) becomes one line telling how to resume."""
+        """One transaction (COMMIT, or ROLLBACK on error).
+
+        A failed write (disk full, read-only file, locked) becomes one line telling how to
+        resume.
+        """
         try:
             with self._con:
                 yield
@@ -224,6 +227,7 @@ class Store:
             yield rec
 
     def count(self) -> int:
+        """Number of stored runs (any status)."""
         return int(self._con.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
 
     def to_frame(self, spec: str | None = None, status: str | None = None):
@@ -250,6 +254,7 @@ class Store:
 
     # -- lifetime ----------------------------------------------------------------------------
     def close(self) -> None:
+        """Close the database (also done on leaving the ``with`` block)."""
         self._close_quietly()
 
     def _close_quietly(self) -> None:

@@ -1,5 +1,7 @@
-"""Flatness measures: Keskar sharpness, Hessian spectrum/trace, relative flatness (and FAM),
-adaptive sharpness, PAC-Bayes flatness, and the norm baselines (path norm, layer-norm products).
+"""Flatness measures of a trained network's loss around its weights, and norm baselines.
+
+Keskar sharpness, Hessian spectrum/trace, relative flatness (and FAM), adaptive sharpness,
+PAC-Bayes flatness, and the norm baselines (path norm, layer-norm products).
 
 All measures are pure functions of ``(model, loss_fn, inputs, targets)``: they work on a deep copy
 of the model in eval mode (float64 by default) and leave the model untouched.
@@ -251,6 +253,9 @@ def flatness_measures(
     trace.
 
     Args:
+        model: the trained network (not modified).
+        inputs: the set S, ``[N, ...]``.
+        targets: its 0/1 labels, ``[N]`` or ``[N, 1]``.
         loss_fn: mean loss; default ``BCEWithLogitsLoss()`` (one logit, float 0/1 targets whose
             shape is made to match the logits ``[N, 1]``).
         which: subset of ``MEASURES`` to compute.

@@ -48,8 +48,11 @@ def check_data(inputs: Tensor, targets: Tensor, model: nn.Module | None = None) 
 
 
 def probe_model(model: nn.Module, inputs: Tensor) -> None:
-    """Forward ``inputs[:1]`` (cast to the model's dtype/device) through ``model`` in eval mode
-    under ``no_grad``; a torch error becomes a one-line :class:`FlatpriorError`."""
+    """Forward ``inputs[:1]`` through ``model`` in eval mode under ``no_grad``.
+
+    The inputs are cast to the model's dtype/device; a torch error becomes a one-line
+    :class:`FlatpriorError`.
+    """
     if not isinstance(model, nn.Module):
         return  # eval_copy reports a non-module model
     lin = next((m for m in model.modules() if isinstance(m, nn.Linear)), None)

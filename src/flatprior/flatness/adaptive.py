@@ -192,7 +192,8 @@ def adaptive_sharpness(
     Args:
         model: the trained network (deep-copied in eval mode; the original is untouched).
         loss_fn: ``(logits, targets) -> mean loss``, e.g. ``BCEWithLogitsLoss()``.
-        inputs: ``[N, ...]`` inputs (the training set S). targets: ``[N, ...]``.
+        inputs: ``[N, ...]`` inputs (the training set S).
+        targets: ``[N, ...]``.
         rho: radius of the ball in ``u = delta / c`` (``> 0``; with ``adaptive`` a relative
             perturbation size, e.g. ``rho = 0.01`` lets every weight move by 1 % in linf).
         norm: ``"linf"`` or ``"l2"``.

@@ -82,8 +82,10 @@ class PacBayesFlatnessResult:
 
 
 def _root_log_bisect(f: Callable[[float], float], lo: float, hi: float, rtol: float) -> float:
-    """``f(lo) <= 0 < f(hi)``: bisect in log space until ``hi / lo <= 1 + rtol``; returns the
-    geometric midpoint."""
+    """Bisect ``f(lo) <= 0 < f(hi)`` in log space until ``hi / lo <= 1 + rtol``.
+
+    Returns the geometric midpoint.
+    """
     while hi / lo > 1 + rtol:
         mid = math.sqrt(lo * hi)
         lo, hi = (mid, hi) if f(mid) <= 0 else (lo, mid)
@@ -135,7 +137,8 @@ def pac_bayes_flatness(
     Args:
         model: the trained network (deep-copied in eval mode; the original is untouched).
         loss_fn: ``(logits, targets) -> mean loss``, e.g. ``BCEWithLogitsLoss()``.
-        inputs: ``[N, ...]`` (the training set S). targets: ``[N, ...]``.
+        inputs: ``[N, ...]`` (the training set S).
+        targets: ``[N, ...]``.
         target: tolerated rise of the expected ``metric`` (``> 0``; Jiang et al.: 0.1).
         magnitude_aware: perturb weight ``i`` with variance ``sigma^2 w_i^2 + mag_eps^2``.
         metric: ``"loss"`` (mean ``loss_fn``) or ``"error"`` (0-1 error of a one-logit

@@ -62,7 +62,14 @@ def relative_flatness(
     dtype: torch.dtype | None = torch.float64,
     probe_chunk: int = 256,
 ) -> float:
-    """Exact relative flatness ``kappa`` of one layer (see the module docstring).
+    r"""Exact relative flatness ``kappa`` of one layer (see the module docstring).
+
+    $$
+    \kappa(W) = \sum_{s, s'} \langle w_s, w_{s'} \rangle \operatorname{Tr} H_{s, s'},
+    \qquad H_{s,s'} = \frac{\partial^2 L}{\partial w_s \partial w_{s'}}
+    $$
+
+    for the layer's weight ``W [m, n]`` with rows ``w_s`` (Petzka et al., NeurIPS 2021).
 
     Computed with curvlinops Hessian-vector products restricted to the layer's weight, one basis
     probe ``e_(s,c)`` per weight (``m*n`` HVPs, ``probe_chunk`` at a time): ``kappa =
@@ -72,14 +79,26 @@ def relative_flatness(
     Args:
         model: network (deep copy in eval mode, cast to ``dtype``; the original is untouched).
         loss_fn: ``(logits, targets) -> mean loss``.
-        inputs, targets: the set (e.g. S), ``[N, ...]``.
+        inputs: the set (e.g. S), ``[N, ...]``.
+        targets: its targets, ``[N, ...]``.
         layer: ``None`` (last Linear/Conv = weights on the penultimate representation), an index
             among the Linear/Conv layers, or the module itself.
-        batch_size: examples per HVP chunk. dtype: compute dtype (default float64).
+        batch_size: examples per HVP chunk.
+        dtype: compute dtype (default float64).
         probe_chunk: basis probes per operator multiply.
 
     Returns:
         ``kappa`` (float).
+
+    Example:
+        One neuron (``m = 1``): ``kappa = ||w||^2 Tr(H)``; MSE on the basis inputs has
+        ``H = (2/3) I``, so ``w = (1, 2, 2)`` gives ``9 * 2``:
+
+        >>> import torch
+        >>> net = torch.nn.Linear(3, 1, bias=False)
+        >>> _ = net.weight.data.copy_(torch.tensor([[1.0, 2.0, 2.0]]))
+        >>> relative_flatness(net, torch.nn.MSELoss(), torch.eye(3), torch.zeros(3, 1))
+        18.0
     """
     check_loss_fn(loss_fn)
     check_data(inputs, targets)
@@ -135,7 +154,11 @@ def fam_regularizer(
     curvlinops' operators run under ``no_grad`` and cannot give this gradient).
 
     Args:
-        model, loss_fn, inputs, targets, layer: as in :func:`relative_flatness`.
+        model: the live network (gradients flow to its parameters).
+        loss_fn: ``(logits, targets) -> mean loss``.
+        inputs: the (mini)batch ``[B, ...]``.
+        targets: its targets ``[B, ...]``.
+        layer: as in :func:`relative_flatness`.
         method: ``"closed_form"`` — exact and cheap when ``layer`` is the model's LAST operation
             (a Linear whose output is the model output ``F = h W^T + b``): then
             ``Tr(H_{s,s'}) = sum_i ||h_i||^2 B_i[s,s']`` with ``B_i = d^2 L / dF_i dF_i`` the

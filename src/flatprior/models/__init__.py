@@ -12,8 +12,7 @@ from flatprior.models.fcn import FCN, SmallCNN
 from flatprior.models.init import init_weights
 from flatprior.models.rescale import alpha_scale, linear_layers
 from flatprior.models.resnet import ResNet
-
-MODELS = ("fcn", "cnn", "resnet18", "resnet50")
+from flatprior.names import MODELS
 
 __all__ = [
     "FCN",

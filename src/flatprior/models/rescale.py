@@ -48,6 +48,23 @@ def alpha_scale(model: nn.Module, layer_index: int, alpha: float) -> nn.Module:
             homogeneous (ReLU, max/avg-pool, Flatten, Dropout), e.g. ``FCN``, ``SmallCNN``.
         layer_index: index ``l`` among the Linear/Conv layers (0 = first); ``l+1`` must exist.
         alpha: scale factor > 0.
+
+    Returns:
+        The rescaled copy (``model`` is unchanged).
+
+    Example:
+        Same function, weights scaled by ``alpha``:
+
+        >>> import torch
+        >>> from flatprior.models import make_model
+        >>> net = make_model("fcn", (4,), hidden=(8, 8), seed=0)
+        >>> scaled = alpha_scale(net, layer_index=0, alpha=10.0)
+        >>> x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+        >>> torch.allclose(net(x), scaled(x), rtol=1e-5, atol=1e-6)
+        True
+        >>> w0, w1 = linear_layers(net)[0].weight, linear_layers(scaled)[0].weight
+        >>> torch.allclose(w1, 10 * w0)
+        True
     """
     check_positive("alpha", alpha)
     if not isinstance(model, nn.Sequential):

@@ -1,6 +1,8 @@
-"""CIFAR-style ResNets (He et al. 2016) with one output logit: depth 18 (basic) and 50
-(bottleneck, blocks [3, 4, 6, 3]). ``width`` scales the channels (64 in the paper; use 16 on a
-CPU)."""
+"""CIFAR-style ResNets (He et al. 2016) with one output logit.
+
+Depth 18 (basic) and 50 (bottleneck, blocks [3, 4, 6, 3]). ``width`` scales the channels (64 in
+the paper; use 16 on a CPU).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from flatprior.errors import FlatpriorError
 
 
 class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with BatchNorm and an identity (or 1x1) shortcut."""
+
     expansion = 1
 
     def __init__(self, c_in: int, c: int, stride: int):
@@ -22,11 +26,14 @@ class BasicBlock(nn.Module):
         self.shortcut = _shortcut(c_in, c * self.expansion, stride)
 
     def forward(self, x):
+        """Block output ``relu(F(x) + shortcut(x))``."""
         out = self.relu(self.bn1(self.conv1(x)))
         return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
 class Bottleneck(nn.Module):
+    """1x1 -> 3x3 -> 1x1 convolutions (4x expansion) with BatchNorm and a shortcut."""
+
     expansion = 4
 
     def __init__(self, c_in: int, c: int, stride: int):
@@ -41,6 +48,7 @@ class Bottleneck(nn.Module):
         self.shortcut = _shortcut(c_in, c * 4, stride)
 
     def forward(self, x):
+        """Block output ``relu(F(x) + shortcut(x))``."""
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         return self.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
@@ -82,4 +90,5 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(c_in, 1)
 
     def forward(self, x):
+        """Logits ``[N, 1]`` of images ``[N, C, H, W]``."""
         return self.fc(self.pool(self.stages(self.stem(x))))

@@ -1,5 +1,8 @@
-"""Function prior log P(f): NNGP kernels, EP for the orthant probability, exact references,
-the Boolean sampler and the PAC-Bayes bound."""
+"""Function prior log P(f).
+
+NNGP kernels, EP for the orthant probability, minimax tilting, exact references, the Boolean
+sampler and the PAC-Bayes bound.
+"""
 
 from flatprior.prior.api import (
     LOG_PRIOR_METHODS,

@@ -58,15 +58,19 @@ class ParallelDraws:
 
 
 def growth(se: float, target: float) -> float:
-    """Factor by which to multiply the sample count to reach ``target`` (SE ∝ 1/√M), with 20 %
-    margin, at least 1.25 and at most 8 per round."""
+    """Factor by which to multiply the sample count to reach ``target`` (SE ∝ 1/√M).
+
+    With 20 % margin, at least 1.25 and at most 8 per round.
+    """
     return float(np.clip(1.2 * (se / target) ** 2, 1.25, 8.0))
 
 
 def grow_to_target(draws: ParallelDraws, summarize: Callable[[], tuple], *,
                    target_se: float | None, cap: int, deadline: Callable[[], bool]) -> tuple:
-    """Summarise ``draws``; while the standard error is above ``target_se``, the units drawn
-    are below ``cap`` and ``deadline()`` is false, grow them by :func:`growth` and re-summarise.
+    """Summarise ``draws``, growing them until the standard error reaches ``target_se``.
+
+    While the standard error is above ``target_se``, the units drawn are below ``cap`` and
+    ``deadline()`` is false, grow them by :func:`growth` and re-summarise.
 
     ``summarize()`` returns a tuple whose second entry is the standard error; the last summary
     is returned. ``target_se=None``: no growth.

@@ -8,8 +8,10 @@ import functools
 
 @functools.cache
 def _controller():
-    """The threadpoolctl controller (a scan of the loaded libraries, ~ms), built once; ``None``
-    without threadpoolctl (optional: scikit-learn brings it)."""
+    """The threadpoolctl controller (a scan of the loaded libraries, ~ms), built once.
+
+    ``None`` without threadpoolctl (optional: scikit-learn brings it).
+    """
     try:
         from threadpoolctl import ThreadpoolController
     except ImportError:

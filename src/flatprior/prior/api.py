@@ -38,7 +38,14 @@ LOG_PRIOR_METHODS = {
 
 
 def log_prior(K, y, method: str = "ep", **kwargs: Any):
-    """``ln P(sign z = y)`` for ``z ~ N(0, K)`` with the chosen estimator.
+    r"""The function prior ``ln P(f)``: the orthant probability of the NNGP, by name of estimator.
+
+    $$
+    \ln P(f) = \ln P\big(\operatorname{sign} z = y\big), \qquad z \sim \mathcal{N}(0, K)
+    $$
+
+    for a function ``f`` with labels ``y`` on ``n`` inputs and the network's NNGP kernel ``K``
+    on them (Valle-Pérez et al., ICLR 2019; Zhang et al., arXiv 2103.06219, Sec. 3).
 
     Args:
         K: prior covariance ``[n, n]``.
@@ -50,6 +57,14 @@ def log_prior(K, y, method: str = "ep", **kwargs: Any):
     Returns:
         The estimator's result, a :class:`LogPriorResult` (``log_prob``, ``converged``,
         ``std_err``, ``ci_low``, ``ci_high``) with the method's own diagnostics besides.
+
+    Example:
+        Independent outputs (``K = I``) give ``P(f) = 2^{-n}`` for every labelling:
+
+        >>> import math, torch
+        >>> res = log_prior(torch.eye(4), [1, 0, 1, 1], method="ep")
+        >>> math.isclose(res.log_prob, -4 * math.log(2), rel_tol=1e-12), res.converged
+        (True, True)
     """
     check_choice("log-prior method", method, LOG_PRIOR_METHODS)
     if method == "ep":
@@ -91,7 +106,9 @@ def function_log_prior(
         x: inputs ``[n, ...]``.
         labels01: labels ``[n]`` in ``{0, 1}`` (or ``{±1}``).
         kernel: only ``"arccos"``.
-        depth, sigma_w2, sigma_b2: kernel parameters (see :func:`arccos_kernel`).
+        depth: hidden ReLU layers (see :func:`arccos_kernel`).
+        sigma_w2: weight variance times fan-in.
+        sigma_b2: bias variance.
         method: estimator (see :func:`log_prior`).
         **kwargs: passed to the estimator.
     """

@@ -295,8 +295,10 @@ class _BatchForward:
         self._plans: dict[int, tuple] = {}
 
     def _plan(self, b: int) -> tuple:
-        """Parameter buffer ``z [b * per_net]``, views of it per layer, and activation buffers
-        for ``b`` networks; built once per batch size (fewer Python calls per batch)."""
+        """Parameter buffer ``z [b * per_net]``, per-layer views and activation buffers.
+
+        For ``b`` networks; built once per batch size (fewer Python calls per batch).
+        """
         plan = self._plans.get(b)
         if plan is not None:
             return plan
@@ -336,11 +338,13 @@ class _BatchForward:
         return torch.gt(out.view(b, self.n_points), 0, out=bits)
 
     def draw(self, gen: torch.Generator, b: int) -> torch.Tensor:
-        """Output signs ``bool [b, 2^n_in]`` of ``b`` new networks whose standard normal
-        parameters ``z [b * per_net]`` are ``normal_`` draws from ``gen``, laid out as: layer 1
-        ``[b * h, n_hi + 1]`` (high-bit weights and bias) then ``[b * h, n_lo]``; each further
-        layer its weights ``[b, fan_out, fan_in]`` then its biases ``[b, fan_out]``. The result
-        is a buffer reused by the next call."""
+        """Output signs ``bool [b, 2^n_in]`` of ``b`` new networks.
+
+        Their standard normal parameters ``z [b * per_net]`` are ``normal_`` draws from
+        ``gen``, laid out as: layer 1 ``[b * h, n_hi + 1]`` (high-bit weights and bias) then
+        ``[b * h, n_lo]``; each further layer its weights ``[b, fan_out, fan_in]`` then its
+        biases ``[b, fan_out]``. The result is a buffer reused by the next call.
+        """
         plan = self._plan(b)
         plan[0].normal_(generator=gen)
         return self._forward(plan, b)
@@ -404,7 +408,8 @@ def sample_boolean_prior(
     Args:
         n_samples: number of networks.
         widths: ``(n_in, h_1, ..., 1)`` with ``1 <= n_in <= 7`` and a single output.
-        sigma_w, sigma_b: weight and bias scales.
+        sigma_w: weight scale (standard deviation times sqrt(fan-in)).
+        sigma_b: bias standard deviation.
         seed: master seed. The networks are drawn in chunks of 65 536, chunk ``i`` from a
             torch generator seeded by ``numpy.random.SeedSequence(seed, spawn_key=(i,))``, so the
             result depends on ``seed`` and ``n_samples`` only (not on ``n_workers``).

@@ -16,7 +16,9 @@ def pac_bayes_bound(log_p_train: float, m: int, delta: float = 0.05) -> float:
     (e.g. the EP marginal likelihood of the training set), with probability ``1 - delta`` over
     the draw of ``S`` the posterior restricted to functions consistent with ``S`` has
 
-    .. math:: \epsilon \le \frac{\ln(1/P(S)) + \ln(2m/\delta)}{m - 1}
+    $$
+    \epsilon \le \frac{\ln(1/P(S)) + \ln(2m/\delta)}{m - 1}
+    $$
 
     (McAllester 1999; Valle-Pérez et al. 2019, eq. (1); Zhang et al. arXiv 2103.06219).
     The raw value is returned; a value ``>= 1`` means the bound is vacuous.
@@ -28,6 +30,13 @@ def pac_bayes_bound(log_p_train: float, m: int, delta: float = 0.05) -> float:
 
     Returns:
         The bound on the expected generalization error.
+
+    Example:
+        >>> import math
+        >>> pac_bayes_bound(-10.0, 101, 0.05)   # (10 + ln(2 * 101 / 0.05)) / 100
+        0.18303999970955195
+        >>> math.isclose(pac_bayes_bound(-10.0, 101), (10 + math.log(4040)) / 100)
+        True
     """
     try:
         lp = float(log_p_train)

@@ -313,8 +313,10 @@ def _site_change(tau, nu, new_tau, new_nu) -> float:
 
 
 def _nystrom_sites(K, y, rank, lik: GaussianCDFLikelihood, seed=0, max_iter=20, tol=1e-3):
-    """Approximate EP sites from the kernel ``Q Q^T + diag(d)`` (Nystrom on ``rank`` random
-    landmarks, diagonal kept exact), for a warm start of exact EP; ``None`` if it fails.
+    """Approximate EP sites for a warm start of exact EP; ``None`` if it fails.
+
+    From the kernel ``Q Q^T + diag(d)`` (Nystrom on ``rank`` random landmarks, diagonal kept
+    exact).
 
     With ``R = I + Q^T diag(g) Q = C C^T`` and ``g = tau / (1 + d tau)``, Woodbury gives
     ``Sigma = diag(d / (1 + d tau)) + G G^T`` with ``G = diag(1 / (1 + d tau)) Q C^{-T}``:
@@ -394,8 +396,11 @@ def _start(K, diagK, y, buf, lik, warm_rank) -> tuple[EPState, bool]:
 
 
 def _raised_damping(history: list[float], damping: float) -> float:
-    """Parallel EP oscillates (period 2) on strongly correlated kernels: when log Z flips
-    direction twice in a row without shrinking 2x, damp harder (0 -> 0.5 -> 0.75 ... 0.95)."""
+    """The damping for the next sweep (raised when EP oscillates).
+
+    Parallel EP oscillates (period 2) on strongly correlated kernels: when log Z flips
+    direction twice in a row without shrinking 2x, damp harder (0 -> 0.5 -> 0.75 ... 0.95).
+    """
     if len(history) < 5 or damping >= 0.95:
         return damping
     d1, d2, d3 = (history[-1] - history[-2], history[-2] - history[-3],
@@ -495,8 +500,10 @@ def _check_options(likelihood, tol, tol_log_prob, max_iter, damping, jitter, max
 
 
 def _unit_mean_diagonal(K: np.ndarray) -> float:
-    """Divide ``K`` in place by its mean diagonal (``ln P`` does not depend on the scale, and
-    the site tolerance becomes scale invariant); return that scale."""
+    """Divide ``K`` in place by its mean diagonal and return that scale.
+
+    ``ln P`` does not depend on the scale, and the site tolerance becomes scale invariant.
+    """
     diag = np.diagonal(K)
     if (diag <= 0).any():
         raise FlatpriorError(
@@ -509,10 +516,13 @@ def _unit_mean_diagonal(K: np.ndarray) -> float:
 
 
 def _check_pairs(K: np.ndarray, ysign: np.ndarray, heaviside: bool) -> None:
-    """Necessary PSD condition ``|r_ij| <= 1`` for ``r_ij = K_ij / sqrt(K_ii K_jj)``, and
+    """Check the pairs of inputs: correlations in [-1, 1] and (Heaviside) P(f) > 0.
+
+    Necessary PSD condition ``|r_ij| <= 1`` for ``r_ij = K_ij / sqrt(K_ii K_jj)``, and
     (Heaviside) ``P(f) = 0`` exactly when some pair has ``r = 1`` with opposite labels or
     ``r = -1`` with equal ones (``z_i = ±z_j`` a.s.); EP would silently return a jitter-set
-    finite value. Per row block (no ``n x n`` temporaries)."""
+    finite value. Per row block (no ``n x n`` temporaries).
+    """
     n = K.shape[0]
     sd = np.sqrt(np.diagonal(K))
     for lo in range(0, n, 2048):

@@ -141,6 +141,14 @@ def exact_log_orthant_prob(
 
     Returns:
         :class:`OrthantResult` (check ``rel_err``: it may exceed ``rel_tol`` at the cap).
+
+    Example:
+        An independent kernel gives ``P = 2^{-n}`` exactly:
+
+        >>> import math, torch
+        >>> res = exact_log_orthant_prob(torch.eye(3), [1, 0, 1])
+        >>> math.isclose(res.log_prob, -3 * math.log(2), rel_tol=1e-12)
+        True
     """
     K, y = as_kernel_and_signs(K, y)
     n = K.shape[0]

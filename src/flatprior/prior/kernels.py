@@ -3,6 +3,15 @@
 The prior P(f) of a wide network is the probability that a Gaussian process with the network's
 NNGP kernel takes the signs of f (see :mod:`flatprior.prior.ep`). These functions build that
 kernel, always in float64.
+
+Example:
+    :func:`arccos_kernel` on orthogonal unit inputs (``d = 2``, no bias): ``K^0 = I``, and one
+    ReLU layer gives ``theta = pi/2``, hence ``K^1 = [[1, 1/pi], [1/pi, 1]]``:
+
+    >>> import math, torch
+    >>> K = arccos_kernel(torch.eye(2), depth=1, sigma_w2=2.0, sigma_b2=0.0)
+    >>> torch.allclose(K, torch.tensor([[1, 1 / math.pi], [1 / math.pi, 1]]).double())
+    True
 """
 
 from __future__ import annotations
@@ -75,11 +84,14 @@ def arccos_kernel(
     For weights ``N(0, sigma_w2 / fan_in)`` and biases ``N(0, sigma_b2)``, the output
     pre-activations of an infinitely wide FCN with ``depth`` hidden ReLU layers are a GP with
 
-    .. math::
-        K^0(x, x') = \sigma_b^2 + \sigma_w^2\, x\cdot x' / d, \\
-        K^{l+1}(x, x') = \sigma_b^2 + \frac{\sigma_w^2}{2\pi}\sqrt{K^l(x,x)K^l(x',x')}
-            \,(\sin\theta + (\pi - \theta)\cos\theta),\quad
-        \theta = \arccos\frac{K^l(x,x')}{\sqrt{K^l(x,x)K^l(x',x')}},
+    $$
+    \begin{aligned}
+    K^0(x, x') &= \sigma_b^2 + \sigma_w^2\, x\cdot x' / d, \\
+    K^{l+1}(x, x') &= \sigma_b^2 + \frac{\sigma_w^2}{2\pi}\sqrt{K^l(x,x)K^l(x',x')}
+        \,(\sin\theta + (\pi - \theta)\cos\theta),\quad
+    \theta = \arccos\frac{K^l(x,x')}{\sqrt{K^l(x,x)K^l(x',x')}},
+    \end{aligned}
+    $$
 
     with ``d`` the input dimension; the result is ``K^{depth}`` (``depth=2`` is FCN d-40-40-1
     in the wide limit). On the diagonal ``K^{l+1}(x,x) = sigma_b2 + sigma_w2/2 * K^l(x,x)``.
@@ -207,7 +219,9 @@ def empirical_kernel(
     inputs of the final ``nn.Linear`` layer. The output layer with weights
     ``N(0, sigma_w2 / p)`` and biases ``N(0, sigma_b2)`` then gives the kernel
 
-    .. math:: K = \sigma_b^2 + \frac{\sigma_w^2}{p}\,\frac{1}{M}\sum_s \Phi_s \Phi_s^\top .
+    $$
+    K = \sigma_b^2 + \frac{\sigma_w^2}{p}\,\frac{1}{M}\sum_s \Phi_s \Phi_s^\top .
+    $$
 
     This is the kernel used for ResNet-50 in Zhang et al. (arXiv 2103.06219; M = 700,
     p = 2048) and in Novak et al. (2019). Models are put in eval mode (BatchNorm uses its

@@ -88,8 +88,11 @@ class ProbitLikelihood(GaussianCDFLikelihood):
 
 
 def make_likelihood(name: str, kernel_scale: float = 1.0) -> GaussianCDFLikelihood:
-    """The likelihood ``name`` (``"heaviside"`` or ``"probit"``) for a kernel divided by
-    ``kernel_scale`` (the probit's unit noise becomes ``1 / kernel_scale`` in those units)."""
+    """The likelihood ``name`` (``"heaviside"`` or ``"probit"``).
+
+    For a kernel divided by ``kernel_scale`` (the probit's unit noise becomes
+    ``1 / kernel_scale`` in those units).
+    """
     if name == "heaviside":
         return HeavisideLikelihood()
     if name == "probit":

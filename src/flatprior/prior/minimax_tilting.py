@@ -181,9 +181,12 @@ def _phi(Lt, lt, x):
 
 
 def _neg_hessian(Lt, dh):
-    """``−∇²φ = Nᵀ H N + G C⁻¹ Gᵀ`` with N the strictly lower part of L̃ (columns < n),
-    ``H = diag(h')``, ``G = I + N_{<n}ᵀ H_{<n}``, ``C = diag(1 − h'_{<n})`` (Schur complement of
-    the μ block of ∇²ψ). Symmetric positive definite."""
+    """The negative Hessian ``−∇²φ = Nᵀ H N + G C⁻¹ Gᵀ`` (symmetric positive definite).
+
+    N is the strictly lower part of L̃ (columns < n), ``H = diag(h')``,
+    ``G = I + N_{<n}ᵀ H_{<n}``, ``C = diag(1 − h'_{<n})`` (Schur complement of the μ block of
+    ∇²ψ).
+    """
     n = Lt.shape[0]
     N = np.tril(Lt, -1)[:, : n - 1]
     W1 = np.sqrt(dh)[:, None] * N

@@ -266,8 +266,10 @@ def _smc_estimate(prop: _EPProposal, s: _Sampling) -> _Estimate:
 
 
 def _correlation(Kn: np.ndarray, ys: np.ndarray, jitter: float) -> np.ndarray:
-    """Correlation matrix ``Σ`` of ``x = diag(y) z / sd`` (scale-free, better conditioned), with
-    ``1 + jitter`` on the diagonal."""
+    """Correlation matrix ``Σ`` of ``x = diag(y) z / sd``, with ``1 + jitter`` on the diagonal.
+
+    Scale-free, hence better conditioned.
+    """
     dK = np.diag(Kn)
     if not np.all(dK > 0):
         raise FlatpriorError("kernel K has a non-positive diagonal entry; K must be a covariance")
@@ -279,8 +281,10 @@ def _correlation(Kn: np.ndarray, ys: np.ndarray, jitter: float) -> np.ndarray:
 
 def _sample(Kn, ys, sigma, tl: _Tilting | None, proposal: str,
             s: _Sampling) -> tuple[_EPProposal | None, _Estimate]:
-    """Sample with minimax tilting (``tl``), or with the EP proposal when asked for or when
-    ``"auto"``'s pilot batch is degenerate. Returns the EP proposal (if built) and the estimate.
+    """Sample with minimax tilting (``tl``) or with the EP proposal.
+
+    The EP proposal is used when asked for or when ``"auto"``'s pilot batch is degenerate.
+    Returns the EP proposal (if built) and the estimate.
     """
     prop = None
     if tl is not None:

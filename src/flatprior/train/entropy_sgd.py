@@ -1,5 +1,6 @@
-"""Entropy-SGD (Chaudhari et al., "Entropy-SGD: biasing gradient descent into wide valleys",
-ICLR 2017).
+"""Entropy-SGD, an optimizer that biases gradient descent into wide valleys.
+
+Chaudhari et al., "Entropy-SGD: biasing gradient descent into wide valleys", ICLR 2017.
 
 Written here because no maintained package ships it (the authors' reference code is an
 unpackaged research repository pinned to an old PyTorch). Algorithm 1 of the paper, per outer
@@ -66,6 +67,7 @@ class EntropySGD(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One outer step (``L`` inner Langevin steps, each calling ``closure``)."""
         if closure is None:
             raise RuntimeError("EntropySGD.step needs a closure that recomputes the loss")
         groups = self.param_groups

@@ -23,6 +23,8 @@ from flatprior.train.entropy_sgd import EntropySGD
 
 @dataclass(frozen=True)
 class OptimizerSpec:
+    """An optimizer class with the study's default learning rate and keyword arguments."""
+
     cls: type
     lr: float
     kwargs: dict[str, Any] = field(default_factory=dict)

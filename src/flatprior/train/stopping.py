@@ -26,8 +26,11 @@ Metrics = dict[str, Any]
 
 @dataclass(frozen=True)
 class Stop:
-    """The end of training: ``status`` as in :class:`flatprior.train.TrainResult`, and a
-    one-line ``message`` for the user (empty when nothing needs saying)."""
+    """The end of training.
+
+    ``status`` as in :class:`flatprior.train.TrainResult`, and a one-line ``message`` for the
+    user (empty when nothing needs saying).
+    """
 
     status: str
     message: str = ""
@@ -55,6 +58,7 @@ class ZeroError:
         )
 
     def __call__(self, epoch: int, metrics: Metrics) -> Stop | None:
+        """``Stop("zero_error")`` once the overtraining after the first fitted epoch is done."""
         if self.epoch is None and self.fitted(metrics):
             self.epoch = epoch
         if self.epoch is not None and epoch >= self.epoch + self.overtrain_epochs:
@@ -73,6 +77,7 @@ class Collapse:
     streak: int = 0
 
     def __call__(self, epoch: int, metrics: Metrics) -> Stop | None:
+        """``Stop("collapsed")`` after ``patience`` constant-prediction epochs running."""
         if not self.patience:
             return None
         self.streak = self.streak + 1 if metrics["constant"] else 0
@@ -91,6 +96,7 @@ class EpochCap:
     max_epochs: int
 
     def __call__(self, epoch: int, metrics: Metrics) -> Stop | None:
+        """``Stop("did_not_reach_zero_error")`` at epoch ``max_epochs``."""
         if epoch < self.max_epochs:
             return None
         return Stop("did_not_reach_zero_error", (
@@ -126,6 +132,7 @@ class StopRules:
         return "train" if self.zero_error.epoch is None else "overtrain"
 
     def __call__(self, epoch: int, metrics: Metrics) -> Stop | None:
+        """The first rule that stops at this epoch, or ``None`` to go on."""
         before = self.zero_error.epoch is None
         stop = self.zero_error(epoch, metrics)
         if stop is not None or not before or self.zero_error.epoch is not None:

@@ -63,6 +63,7 @@ class TrainConfig:
     seed: int = 0
 
     def validate(self) -> TrainConfig:
+        """Check every field; return ``self`` (one-line FlatpriorError otherwise)."""
         from flatprior.train.optimizers import OPTIMIZERS
 
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -82,8 +83,11 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """Outcome of :func:`train`. Errors are fractions in [0, 1]; ``attack_error`` is measured
-    against the flipped labels the network was trained on."""
+    """Outcome of :func:`train`.
+
+    Errors are fractions in [0, 1]; ``attack_error`` is measured against the flipped labels the
+    network was trained on.
+    """
 
     status: Literal["zero_error", "did_not_reach_zero_error", "collapsed", "stopped"]
     epochs_to_zero_error: int | None
@@ -98,9 +102,11 @@ class TrainResult:
 
     @property
     def reached_zero_error(self) -> bool:
+        """Whether training fitted the training set at some epoch."""
         return self.epochs_to_zero_error is not None
 
     def summary(self) -> dict[str, Any]:
+        """The result without its per-epoch ``history``."""
         d = asdict(self)
         d.pop("history")
         return d

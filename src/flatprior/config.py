@@ -1,0 +1,199 @@
+"""The run configuration: every choice of one run, validated by pydantic, without torch.
+
+:class:`RunConfig` is the one declaration of a run's settings: the pipeline executes it, the
+experiment specs sweep its fields, and the CLI's ``train`` options are checked against it
+(``tests/test_config.py``). Names of datasets, models and optimizers come from
+:mod:`flatprior.names` and measure names from :mod:`flatprior.measures`, so validating a config
+(e.g. ``flatprior list`` / ``run --dry-run``) never imports PyTorch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from flatprior import names
+from flatprior.errors import FlatpriorError
+from flatprior.measures import MEASURES, REGISTRY
+
+if TYPE_CHECKING:
+    from flatprior.train import TrainConfig
+
+__all__ = ["LATER_FIELDS", "NON_KEY_FIELDS", "TRAIN_FIELDS", "RunConfig", "make_config",
+           "validation_message"]
+
+#: fields that say where things are, not what is computed: left out of the run key
+NON_KEY_FIELDS = ("data_root",)
+#: fields added after runs were first stored: in the key only when set away from their default,
+#: so the keys (and resumability) of existing result databases do not change
+LATER_FIELDS = ("data_path", "label_column", "sam_rho", "adaptive_norm", "adaptive_rho",
+                "adaptive_avg_rho", "adaptive_iters", "adaptive_m", "adaptive_samples",
+                "pac_bayes_target", "pac_bayes_metric", "pac_bayes_samples")
+#: fields copied one to one into :class:`flatprior.train.TrainConfig`
+TRAIN_FIELDS = ("optimizer", "lr", "batch_size", "max_epochs", "overtrain_epochs",
+                "zero_error_on", "loss_reduction", "augment", "fam_strength", "seed")
+
+
+class RunConfig(BaseModel):
+    """Every choice of one run. Unknown fields and wrong types are errors."""
+
+    # allow_inf_nan=False: an inf/NaN number in a config is always a mistake
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    # data
+    dataset: str = "digits"
+    data_root: str | None = None
+    data_path: str | None = None  # dataset "file": your .npz / .csv (flatprior.data.files)
+    label_column: str = "label"  # dataset "file", .csv: the label column
+    n_train: int = Field(500, ge=1)
+    n_attack: int = Field(0, ge=0)
+    n_test: int | None = Field(1000, ge=0)
+    boolean_target: str | None = None
+    data_seed: int | None = Field(None, ge=0)  # None: use ``seed``
+    # model
+    model: str = "fcn"
+    hidden: tuple[Annotated[int, Field(ge=1)], ...] = (40, 40)
+    width: int | None = Field(None, ge=1)
+    sigma_w2: float = Field(2.0, gt=0)
+    sigma_b: float = Field(1.0, ge=0)
+    # training
+    seed: int = Field(0, ge=0)
+    optimizer: str = "sgd"
+    lr: float | None = Field(None, gt=0)
+    batch_size: int = Field(128, ge=1)
+    max_epochs: int = Field(2000, ge=1)
+    overtrain_epochs: int = Field(0, ge=0)
+    zero_error_on: Literal["train", "train+attack"] = "train"
+    loss_reduction: Literal["mean", "sum"] = "mean"
+    augment: bool = False
+    fam_strength: float = Field(0.0, ge=0)
+    sam_rho: float | None = Field(None, ge=0)  # rho of sam/asam; None: the optimizer's default
+    # measures at the end of training (names: flatprior.measures.REGISTRY)
+    measures: tuple[str, ...] = ("sharpness", "log_prior")
+    sharpness_eps: float = Field(1e-4, gt=0)
+    sharpness_method: Literal["sgd", "lbfgsb"] = "sgd"
+    sharpness_epochs: int = Field(100, ge=1)
+    topk: int = Field(50, ge=1)
+    prior_method: Literal["ep", "tilting", "mc"] = "ep"
+    kernel: Literal["arccos", "empirical"] = "arccos"
+    kernel_draws: int = Field(200, ge=1)
+    pac_bayes_delta: float = Field(0.05, gt=0, lt=1)
+    # adaptive sharpness (worst: APGD in the |w|-scaled ball; average: Gaussian, l2) and
+    # PAC-Bayes flatness (see flatprior.flatness.flatness_measures)
+    adaptive_norm: Literal["linf", "l2"] = "linf"
+    adaptive_rho: float = Field(0.01, gt=0)
+    adaptive_avg_rho: float = Field(0.1, gt=0)
+    adaptive_iters: int = Field(20, ge=1)
+    adaptive_m: int | None = Field(None, ge=1)
+    adaptive_samples: int = Field(100, ge=2)
+    pac_bayes_target: float = Field(0.1, gt=0)
+    pac_bayes_metric: Literal["loss", "error"] = "loss"
+    pac_bayes_samples: int = Field(10, ge=2)
+    # per-epoch measures (Fig 5): every ``measure_every`` epochs, 0 = never
+    measure_every: int = Field(0, ge=0)
+    epoch_measures: tuple[str, ...] = ("sharpness", "log_prior")
+    # Dinh alpha-scaling applied in place at the end of epoch ``alpha_epoch`` (after zero error
+    # if ``alpha_after_zero_error``)
+    alpha_epoch: int | None = Field(None, ge=0)
+    alpha_after_zero_error: bool = True
+    alpha_layer: int = Field(0, ge=0)
+    alpha: float = Field(5.0, gt=0)
+
+    @field_validator("measures", "epoch_measures")
+    @classmethod
+    def _known_measures(cls, v, info):
+        bad = [m for m in v if m not in MEASURES]
+        if bad:
+            raise ValueError(f"unknown measure(s) {bad}; choose from {list(MEASURES)}")
+        if info.field_name == "epoch_measures":
+            final_only = [m for m in v if not REGISTRY[m].per_epoch]
+            if final_only:
+                raise ValueError(f"measure(s) {final_only} are taken only at the end of "
+                                 "training; remove them from epoch_measures")
+        return tuple(v)
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, v):
+        if v not in names.DATASETS:
+            raise ValueError(f"unknown dataset {v!r}; choose one of {list(names.DATASETS)}")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v):
+        if v not in names.MODELS:
+            raise ValueError(f"unknown model {v!r}; choose one of {list(names.MODELS)}")
+        return v
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, v):
+        if v not in names.OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {v!r}; choose one of {sorted(names.OPTIMIZERS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _file_needs_path(self):
+        if self.dataset == "file" and not self.data_path:
+            raise ValueError("dataset 'file' needs data_path (a .npz with arrays x, y or a .csv)")
+        if self.dataset != "file" and self.data_path:
+            raise ValueError(f"data_path is only read with dataset='file' (got {self.dataset!r})")
+        return self
+
+    def key(self) -> str:
+        """16-hex-digit hash of the config (without paths): the run's identity in a store."""
+        d = self.model_dump(mode="json", exclude=set(NON_KEY_FIELDS))
+        for f in LATER_FIELDS:
+            if d[f] == RunConfig.model_fields[f].default:
+                del d[f]
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def train_config(self) -> TrainConfig:
+        """The :class:`flatprior.train.TrainConfig` of this run (the fields in TRAIN_FIELDS)."""
+        from flatprior.train import TrainConfig
+
+        return TrainConfig(**{f: getattr(self, f) for f in TRAIN_FIELDS},
+                           optimizer_kwargs={} if self.sam_rho is None else {"rho": self.sam_rho})
+
+
+def make_config(**fields: Any) -> RunConfig:
+    """Build a :class:`RunConfig`, turning pydantic's report into one FlatpriorError line.
+
+    Raises:
+        FlatpriorError: unknown field, wrong type or out-of-range value (one line per config).
+
+    >>> make_config(n_train=100).n_train
+    100
+    >>> make_config(optimizer="lion")
+    Traceback (most recent call last):
+    ...
+    flatprior.errors.FlatpriorError: invalid run config: optimizer: unknown optimizer 'lion'; ...
+    """
+    try:
+        return RunConfig(**fields)
+    except ValidationError as exc:
+        raise FlatpriorError(validation_message(exc)) from None
+
+
+def validation_message(exc: ValidationError) -> str:
+    """One line naming each invalid field of a :class:`RunConfig` and what is wrong with it."""
+    parts = []
+    for e in exc.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown field (valid: {', '.join(RunConfig.model_fields)})"
+        parts.append(f"{loc}: {msg}")
+    return "invalid run config: " + "; ".join(parts)
