@@ -52,8 +52,10 @@ def test_train_forwards_every_exposed_option_into_the_config(monkeypatch):
               "n_test": 11, "model": "cnn", "optimizer": "adam", "lr": 0.5, "batch_size": 9,
               "max_epochs": 13, "overtrain_epochs": 2, "seed": 5, "measures": "trace,pac_bayes",
               "sharpness_eps": 0.01, "sharpness_method": "lbfgsb", "sharpness_epochs": 4,
-              "prior_method": "tilting", "fam_strength": 0.25}
-    assert set(values) == set(_train_params()) - {"json_out", "history", "save_model"}
+              "prior_method": "tilting", "fam_strength": 0.25, "label_column": "target"}
+    # --data-path switches the dataset to "file" (tests/test_data_files.py runs it end to end)
+    assert set(values) == set(_train_params()) - {"json_out", "history", "save_model",
+                                                  "data_path"}
     args = ["train", "--json"]
     for k, v in values.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
@@ -105,14 +107,16 @@ def test_config_list_and_spec_resolution_import_no_torch(code):
 
 
 def test_registry_derived_tables_are_the_ones_the_analysis_used():
+    new = ("adaptive_worst", "adaptive_average", "pac_bayes_flatness", "pac_bayes_mag_flatness",
+           "path_norm")
     assert measures.MEASURE_COLUMNS == (
         "log_prior", "sharpness", "sharpness_lbfgsb", "spectral_norm", "logprod_topk", "trace",
-        "relative_flatness", "pac_bayes_bound")
+        "relative_flatness", *new, "log_prod_spectral", "log_prod_frobenius", "pac_bayes_bound")
     assert measures.LOG_SCALE == (
-        "sharpness", "sharpness_lbfgsb", "spectral_norm", "trace", "relative_flatness")
+        "sharpness", "sharpness_lbfgsb", "spectral_norm", "trace", "relative_flatness", *new)
     assert set(measures.FLATNESS_MEASURES) == {
         "sharpness", "sharpness_lbfgsb", "spectral_norm", "logprod_topk", "trace",
-        "relative_flatness"}
+        "relative_flatness", *new, "log_prod_spectral", "log_prod_frobenius"}
     assert set(measures.PRIOR_MEASURES) == {"log_prior", "pac_bayes"}
     from flatprior.analysis.plots import label
 
@@ -144,10 +148,14 @@ def test_every_measure_writes_only_its_declared_keys_and_its_column():
     """All measures through the registry's dispatch on a tiny digits FCN (about 3 s)."""
     from flatprior.pipeline import build_model, build_task, compute_measures
 
+    from flatprior.train import train
+
     cfg = make_config(n_train=40, n_test=30, hidden=(6,), topk=5, sharpness_epochs=2,
-                      measures=measures.MEASURES)
+                      measures=measures.MEASURES, max_epochs=300)
     task = build_task(cfg)
-    model = build_model(cfg, task.input_shape).eval()
+    model = build_model(cfg, task.input_shape)
+    train(model, task, cfg.train_config())  # PAC-Bayes flatness needs a loss that noise raises
+    model.eval()
     base = {"kernel_time_s"}
     for name, m in measures.REGISTRY.items():
         out = compute_measures(model, task, cfg, (name,))
