@@ -47,7 +47,6 @@ that are trained one after the other.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -107,7 +106,7 @@ def _has_stateful_layers(model: nn.Module) -> bool:
 
 # ------------------------------------------------------------------------------ stacked forward
 def _fcn_forward(params: Sequence[Tensor], x: Tensor) -> Tensor:
-    """``[M, B, d]`` inputs -> ``[M, B]`` logits of stacked FCN members (``params``: W1, b1, ...)."""
+    """``[M, B, d]`` inputs -> ``[M, B]`` logits of stacked FCNs (``params``: W1, b1, W2, ...)."""
     h = x.reshape(x.shape[0], x.shape[1], -1)
     n_layers = len(params) // 2
     for i in range(n_layers):
@@ -566,17 +565,15 @@ def _train_chunk(models, tasks, config: TrainConfig, seeds, backend: str,
             order = torch.zeros(len(act), n_steps * B, dtype=torch.long)
             valid = torch.zeros(len(act), n_steps * B, dtype=torch.bool)
             for j, m in enumerate(act):
-                b, n = int(batch[m]), int(n_fit[m])
+                b = int(batch[m])
                 g = fit_idx[m][perms[j]]
                 # member m's step s uses its own batch size b: place rows s*b.. at s*B..
                 for s in range(steps[m]):
                     rows = g[s * b : (s + 1) * b]
                     order[j, s * B : s * B + len(rows)] = rows
                     valid[j, s * B : s * B + len(rows)] = True
-                del n
         bad_loss = torch.full((len(act),), float("nan"), dtype=torch.float64)
         bad = torch.zeros(len(act), dtype=torch.bool)
-        n_all = int(n_fit[act[0]])
         for s in range(n_steps):
             if ragged:
                 idx = order[:, s * B : (s + 1) * B]
@@ -610,7 +607,6 @@ def _train_chunk(models, tasks, config: TrainConfig, seeds, backend: str,
                 if bool(new_bad.any()):
                     bad_loss = torch.where(new_bad, losses.detach().double(), bad_loss)
                     bad |= new_bad
-        del n_all
         mets = measure(epoch, (time.perf_counter() - t0) / len(act))
         keep = []
         finished = []
