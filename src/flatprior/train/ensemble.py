@@ -160,8 +160,10 @@ def _col(v: Tensor, like: Tensor) -> Tensor:
 class _StackedOptimizer:
     """torch's element-wise optimizers on stacked ``[M, *s]`` parameters (see module docstring).
 
-    ``step(params, grads, active)`` updates ``params`` in place; members with ``active[m]`` False
-    keep their parameters, state and step count.
+    ``step(params, grads, active)`` updates ``params`` in place (in-place ops in torch's order,
+    so the arithmetic is torch's); members with ``active[m]`` False keep their parameters, state
+    and step count. Per-member scalars (Adam's bias correction) broadcast as ``[M, 1, ...]``; when
+    every member has the same step count they are Python floats, as in torch.
     """
 
     def __init__(self, name: str, params: list[Tensor], lr: float | None, overrides: dict):
@@ -190,9 +192,6 @@ class _StackedOptimizer:
         elif self.kind == "adadelta":
             self.state["square_avg"], self.state["acc_delta"] = zeros(), zeros()
 
-    def state_numel_per_param(self) -> int:
-        return len(self.state)
-
     def keep(self, idx: Tensor) -> None:
         """Keep only members ``idx`` (after some finished)."""
         self.t = self.t[idx]
@@ -203,78 +202,96 @@ class _StackedOptimizer:
     def step(self, params: list[Tensor], grads: list[Tensor], active: Tensor | None) -> None:
         t_old = self.t
         self.t = self.t + (1.0 if active is None else active.double())
+        tmin, tmax = float(t_old.min()), float(t_old.max())
+        # one step count for all: Python scalars (torch's own arithmetic); else [M] tensors
+        t = tmin if tmin == tmax else t_old
         for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-            old_state = {k: v[i] for k, v in self.state.items()}
-            new_p, new_state = self._update(p, g, old_state, t_old)
+            st = {k: v[i] for k, v in self.state.items()}
             if active is None:
-                p.copy_(new_p)
-                for k, v in new_state.items():
-                    self.state[k][i] = v
-            else:
-                a = _col(active, p).bool()
-                p.copy_(torch.where(a, new_p, p))
-                for k, v in new_state.items():
-                    self.state[k][i] = torch.where(a, v, old_state[k])
+                self._update(p, g, st, t)
+                continue
+            new_p, new_st = p.detach().clone(), {k: v.clone() for k, v in st.items()}
+            self._update(new_p, g, new_st, t)
+            a = _col(active, p).bool()
+            p.copy_(torch.where(a, new_p, p))
+            for k, v in new_st.items():
+                st[k].copy_(torch.where(a, v, st[k]))
 
-    def _update(self, p: Tensor, g: Tensor, st: dict[str, Tensor], t_old: Tensor):
+    def _scalar(self, v: float | Tensor, like: Tensor) -> float | Tensor:
+        return v if isinstance(v, float) else _col(v, like)
+
+    def _update(self, p: Tensor, g: Tensor, st: dict[str, Tensor], t: float | Tensor) -> None:
+        """One torch step on ``p`` and state ``st`` in place; ``t``: step count before it."""
         h, lr = self.h, self.lr
         wd = float(h.get("weight_decay", 0.0))
         if wd:
             g = g.add(p, alpha=wd)
-        new: dict[str, Tensor] = {}
         if self.kind == "sgd":
             mu = float(h.get("momentum", 0.0))
+            d = g
             if mu:
-                damp = float(h.get("dampening", 0.0))
-                started = _col(t_old > 0, p).bool()
-                buf = torch.where(started, st["buf"] * mu + (1 - damp) * g, g)
-                new["buf"] = buf
+                buf = st["buf"]
+                if isinstance(t, float):
+                    if t == 0:
+                        buf.copy_(g)
+                    else:
+                        buf.mul_(mu).add_(g, alpha=1 - float(h.get("dampening", 0.0)))
+                else:
+                    started = _col(t > 0, p).bool()
+                    damp = float(h.get("dampening", 0.0))
+                    buf.copy_(torch.where(started, buf * mu + (1 - damp) * g, g))
                 d = g.add(buf, alpha=mu) if h.get("nesterov", False) else buf
-            else:
-                d = g
-            return p.add(d, alpha=-lr), new
-        if self.kind == "adam":
+            p.add_(d, alpha=-lr)
+        elif self.kind == "adam":
             b1, b2 = h.get("betas", (0.9, 0.999))
             eps = float(h.get("eps", 1e-8))
-            m = st["exp_avg"].lerp(g, 1 - b1)
-            v = st["exp_avg_sq"] * b2 + (1 - b2) * g * g
-            t = t_old + 1
-            step_size = _col(lr / (1 - b1**t), p)
-            bc2_sqrt = _col((1 - b2**t).sqrt(), p)
-            denom = (v.sqrt() / bc2_sqrt).add_(eps)
-            new["exp_avg"], new["exp_avg_sq"] = m, v
-            return p - step_size * (m / denom), new
-        if self.kind == "adagrad":
+            m, v = st["exp_avg"], st["exp_avg_sq"]
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            step = t + 1
+            if isinstance(step, float):
+                step_size = lr / (1 - b1**step)
+                denom = (v.sqrt() / (1 - b2**step) ** 0.5).add_(eps)
+                p.addcdiv_(m, denom, value=-step_size)
+            else:
+                denom = (v.sqrt() / _col((1 - b2**step).sqrt(), p)).add_(eps)
+                p.sub_((m / denom).mul_(_col(lr / (1 - b1**step), p)))
+        elif self.kind == "adagrad":
             eps = float(h.get("eps", 1e-10))
-            clr = _col(lr / (1 + t_old * float(h.get("lr_decay", 0.0))), p)
-            s = st["sum"].addcmul(g, g, value=1)
-            new["sum"] = s
-            return p - clr * (g / s.sqrt().add_(eps)), new
-        if self.kind == "rmsprop":
+            decay = float(h.get("lr_decay", 0.0))
+            s = st["sum"]
+            s.addcmul_(g, g, value=1)
+            std = s.sqrt().add_(eps)
+            if isinstance(t, float):
+                p.addcdiv_(g, std, value=-lr / (1 + t * decay))
+            else:
+                p.sub_((g / std).mul_(_col(lr / (1 + t * decay), p)))
+        elif self.kind == "rmsprop":
             alpha, eps = float(h.get("alpha", 0.99)), float(h.get("eps", 1e-8))
-            sq = st["square_avg"].mul(alpha).addcmul_(g, g, value=1 - alpha)
-            new["square_avg"] = sq
+            sq = st["square_avg"]
+            sq.mul_(alpha).addcmul_(g, g, value=1 - alpha)
             if h.get("centered", False):
-                ga = st["grad_avg"].lerp(g, 1 - alpha)
-                new["grad_avg"] = ga
+                ga = st["grad_avg"]
+                ga.lerp_(g, 1 - alpha)
                 avg = sq.addcmul(ga, ga, value=-1).sqrt_()
             else:
                 avg = sq.sqrt()
             avg = avg.add_(eps)
             mu = float(h.get("momentum", 0.0))
             if mu:
-                buf = st["buf"].mul(mu).addcdiv_(g, avg)
-                new["buf"] = buf
-                return p.add(buf, alpha=-lr), new
-            return p.addcdiv(g, avg, value=-lr), new
-        # adadelta
-        rho, eps = float(h.get("rho", 0.9)), float(h.get("eps", 1e-6))
-        sq = st["square_avg"].mul(rho).addcmul_(g, g, value=1 - rho)
-        std = sq.add(eps).sqrt_()
-        delta = st["acc_delta"].add(eps).sqrt_().div_(std).mul_(g)
-        new["square_avg"] = sq
-        new["acc_delta"] = st["acc_delta"].mul(rho).addcmul_(delta, delta, value=1 - rho)
-        return p.add(delta, alpha=-lr), new
+                buf = st["buf"]
+                buf.mul_(mu).addcdiv_(g, avg)
+                p.add_(buf, alpha=-lr)
+            else:
+                p.addcdiv_(g, avg, value=-lr)
+        else:  # adadelta
+            rho, eps = float(h.get("rho", 0.9)), float(h.get("eps", 1e-6))
+            sq, acc = st["square_avg"], st["acc_delta"]
+            sq.mul_(rho).addcmul_(g, g, value=1 - rho)
+            std = sq.add(eps).sqrt_()
+            delta = acc.add(eps).sqrt_().div_(std).mul_(g)
+            acc.mul_(rho).addcmul_(delta, delta, value=1 - rho)
+            p.add_(delta, alpha=-lr)
 
 
 # ------------------------------------------------------------------------------ data table
