@@ -7,19 +7,15 @@ first epoch with zero error, then ``overtrain_epochs`` more, or collapse, or the
 produces the same :class:`~flatprior.train.TrainResult` as :func:`flatprior.train.train` would
 for the same model, task and seed (loss trajectory equal to float32 rounding; tested).
 
-Stacking. Every parameter tensor of shape ``s`` becomes one tensor ``[M, *s]``. The loss of the
-ensemble is the sum of the members' own losses, so the gradient of that sum with respect to the
-stacked tensor is, slice by slice, each member's own gradient (no member's loss depends on
-another member's weights). Two forward paths:
-
-- ``"bmm"`` (FCN only): ``h <- relu(baddbmm(b, h, W^T))`` on ``[M, B, width]`` activations;
-- ``"vmap"`` (any model without BatchNorm/Dropout): ``torch.func.vmap`` over
-  ``torch.func.functional_call`` of the architecture with each member's parameters.
-
-Measured (this CPU, 1 thread, machine loaded by other engineers; ``benchmarks/bench_ensemble.py
---backends``): Boolean FCN 7-40-40-1, batch 1, M = 1000: ``bmm`` 0.37 ms per training step,
-``vmap`` 0.80 ms; MNIST FCN 784-40-40-1, batch 128, M = 55: ``bmm`` 3.4 ms, ``vmap`` 3.9 ms.
-``"auto"`` therefore takes ``bmm`` for FCNs and ``vmap`` otherwise.
+Stacking. Every parameter tensor of shape ``s`` becomes one tensor ``[M, *s]``
+(:mod:`flatprior.models.stacked`). The loss of the ensemble is the sum of the members' own
+losses, so the gradient of that sum with respect to the stacked tensor is, slice by slice, each
+member's own gradient (no member's loss depends on another member's weights). Forward paths:
+``"bmm"`` (batched matmuls, FCN) or ``"vmap"`` (``torch.func.vmap`` + ``functional_call``, any
+model without BatchNorm/Dropout). Measured (forward + backward of one step, 1 thread, machine
+loaded by other engineers, ``benchmarks/bench_ensemble.py --backends``): Boolean 7-40-40-1,
+batch 1, M = 1000: ``bmm`` 10.9 ms, ``vmap`` 14.9 ms; MNIST 784-40-40-1, batch 128, M = 55:
+``bmm`` 40.5 ms, ``vmap`` 43.4 ms. ``"auto"`` therefore takes ``bmm`` for FCNs.
 
 Optimizers (all element-wise, hence exact on stacked parameters: every update of entry ``i``
 of member ``m`` reads only entry ``i`` of that member's parameter, gradient and state, and the
@@ -54,15 +50,19 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
 
 from flatprior.data.tasks import Task
-from flatprior.errors import FlatpriorError, check_choice
-from flatprior.models.fcn import FCN
+from flatprior.errors import FlatpriorError
+from flatprior.models.stacked import (
+    check_same_architecture,
+    check_stackable_model,
+    resolve_backend,
+    stack_parameters,
+    stacked_forward,
+)
 from flatprior.train.optimizers import OPTIMIZERS
 from flatprior.train.trainer import TrainConfig, TrainResult, check_task
 
-BACKENDS = ("auto", "bmm", "vmap")
 #: optimizer name -> names of torch keyword arguments the stacked update implements
 STACKABLE: dict[str, tuple[str, ...]] = {
     "sgd": ("momentum", "dampening", "weight_decay", "nesterov"),
@@ -98,40 +98,7 @@ def check_stackable(config: TrainConfig) -> None:
         raise FlatpriorError(f"augment=True is not supported by ensemble training; {_OFF}")
 
 
-def _has_stateful_layers(model: nn.Module) -> bool:
-    return any(
-        isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout)) for m in model.modules()
-    )
-
-
-# ------------------------------------------------------------------------------ stacked forward
-def _fcn_forward(params: Sequence[Tensor], x: Tensor) -> Tensor:
-    """``[M, B, d]`` inputs -> ``[M, B]`` logits of stacked FCNs (``params``: W1, b1, W2, ...)."""
-    h = x.reshape(x.shape[0], x.shape[1], -1)
-    n_layers = len(params) // 2
-    for i in range(n_layers):
-        w, b = params[2 * i], params[2 * i + 1]
-        h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
-        if i < n_layers - 1:
-            h = torch.relu(h)
-    return h.squeeze(-1)
-
-
-def _make_forward(base: nn.Module, names: list[str], backend: str) -> Callable:
-    if backend == "bmm":
-        return _fcn_forward
-
-    def one(ps: tuple[Tensor, ...], xb: Tensor) -> Tensor:
-        return functional_call(base, dict(zip(names, ps, strict=True)), (xb,)).reshape(-1)
-
-    batched = vmap(one)
-
-    def forward(params: Sequence[Tensor], x: Tensor) -> Tensor:
-        return batched(tuple(params), x)
-
-    return forward
-
-
+# ------------------------------------------------------------------------------ memory
 def _activations_per_example(model: nn.Module, x1: Tensor) -> int:
     """Numbers of floats the leaf modules output for one example (a probe forward)."""
     total = [0]
@@ -412,7 +379,6 @@ def train_ensemble(
     """
     config = (config or TrainConfig()).validate()
     check_stackable(config)
-    check_choice("ensemble backend", backend, BACKENDS)
     models = list(models)
     if not models:
         return []
@@ -423,25 +389,16 @@ def train_ensemble(
     if len(seeds) != len(models):
         raise FlatpriorError(f"got {len(models)} models but {len(seeds)} seeds; give one per model")
     base = models[0]
-    sig = [(n, tuple(p.shape), p.dtype) for n, p in base.named_parameters()]
+    check_same_architecture(models)
     for i, (mod, task) in enumerate(zip(models, tasks, strict=True)):
-        if [(n, tuple(p.shape), p.dtype) for n, p in mod.named_parameters()] != sig:
-            raise FlatpriorError(
-                f"model {i} has another architecture than model 0; an ensemble needs one "
-                "architecture (group runs by model/hidden/width)"
-            )
         if task.input_shape != tasks[0].input_shape:
             raise FlatpriorError(
                 f"task {i} has inputs of shape {task.input_shape}, task 0 {tasks[0].input_shape}; "
                 "an ensemble needs one input shape (group runs by dataset)"
             )
         check_task(mod, task)
-    if _has_stateful_layers(base):
-        raise FlatpriorError(f"BatchNorm/Dropout models cannot be stacked; {_OFF}")
-    if backend == "auto":
-        backend = "bmm" if isinstance(base, FCN) else "vmap"
-    if backend == "bmm" and not isinstance(base, FCN):
-        raise FlatpriorError("backend 'bmm' is for FCN models; use backend='vmap'")
+    check_stackable_model(base)
+    backend = resolve_backend(base, backend)
     per = max(stacked_memory_per_member(mod, t, config) for mod, t in zip(models, tasks,
                                                                           strict=True))
     if per > memory_budget:
@@ -469,11 +426,8 @@ def _train_chunk(models, tasks, config: TrainConfig, seeds, backend: str,
     base = models[0]
     names = [n for n, _ in base.named_parameters()]
     dtype = next(base.parameters()).dtype
-    params = [
-        torch.stack([dict(m.named_parameters())[n].detach() for m in models]).clone()
-        for n in names
-    ]
-    forward = _make_forward(base, names, backend)
+    params = stack_parameters(models)
+    forward = stacked_forward(base, backend)
     opt = _StackedOptimizer(config.optimizer, params, config.lr, dict(config.optimizer_kwargs))
     full_batch = OPTIMIZERS[config.optimizer].full_batch
 
