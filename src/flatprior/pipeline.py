@@ -312,7 +312,7 @@ def run(
     (``<measure>_time_s``), and ``history`` (per-epoch metrics, plus measures every
     ``measure_every`` epochs).
     """
-    from flatprior.train import TrainConfig, train
+    from flatprior.train import train
 
     if isinstance(cfg, dict):
         cfg = make_config(**cfg)
@@ -320,18 +320,7 @@ def run(
     task = build_task(cfg)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, task.input_shape)
-    tcfg = TrainConfig(
-        optimizer=cfg.optimizer,
-        lr=cfg.lr,
-        batch_size=cfg.batch_size,
-        max_epochs=cfg.max_epochs,
-        overtrain_epochs=cfg.overtrain_epochs,
-        zero_error_on=cfg.zero_error_on,
-        loss_reduction=cfg.loss_reduction,
-        augment=cfg.augment,
-        fam_strength=cfg.fam_strength,
-        seed=cfg.seed,
-    )
+    tcfg = train_config(cfg)
     callbacks: list[Callable] = []
     if cfg.alpha_epoch is not None:
         callbacks.append(_alpha_callback(cfg))
@@ -350,6 +339,44 @@ def run(
         callbacks.append(per_epoch)
     result = train(model, task, tcfg, callbacks, progress=progress)
     model.eval()
+    record = train_record(cfg, task, model, result)
+    record.update(compute_measures(model, task, cfg, cfg.measures))
+    record["history"] = result.history
+    record["wall_time_s"] = time.perf_counter() - t_start
+    record = _jsonable(record)
+    if save_model is not None:
+        from pathlib import Path
+
+        from flatprior.checkpoint import save_checkpoint
+
+        path = Path(save_model).expanduser()
+        save_checkpoint(model, path.name, config=record["config"], out_dir=path.parent)
+        record["model_path"] = str(path)
+    return record
+
+
+def train_config(cfg: RunConfig):
+    """The :class:`flatprior.train.TrainConfig` of a run."""
+    from flatprior.train import TrainConfig
+
+    return TrainConfig(
+        optimizer=cfg.optimizer,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        max_epochs=cfg.max_epochs,
+        overtrain_epochs=cfg.overtrain_epochs,
+        zero_error_on=cfg.zero_error_on,
+        loss_reduction=cfg.loss_reduction,
+        augment=cfg.augment,
+        fam_strength=cfg.fam_strength,
+        seed=cfg.seed,
+    )
+
+
+def train_record(cfg: RunConfig, task, model, result) -> dict[str, Any]:
+    """The record's fields up to the measures: key, config, versions, the training outcome,
+    ``train_time_s``, ``notes`` and (Boolean) ``function``. Shared by :func:`run` and the
+    ensemble path (:mod:`flatprior.experiments.ensemble`), so both write the same fields."""
     record: dict[str, Any] = {
         "key": cfg.key(),
         "config": cfg.model_dump(mode="json"),
@@ -371,18 +398,6 @@ def run(
         bits = predict(model, torch.as_tensor(boolean_inputs())).int().tolist()
         record["function"] = "".join(map(str, bits))  # f on all 128 inputs, input order of
         # flatprior.data.boolean.boolean_inputs
-    record.update(compute_measures(model, task, cfg, cfg.measures))
-    record["history"] = result.history
-    record["wall_time_s"] = time.perf_counter() - t_start
-    record = _jsonable(record)
-    if save_model is not None:
-        from pathlib import Path
-
-        from flatprior.checkpoint import save_checkpoint
-
-        path = Path(save_model).expanduser()
-        save_checkpoint(model, path.name, config=record["config"], out_dir=path.parent)
-        record["model_path"] = str(path)
     return record
 
 
