@@ -156,9 +156,34 @@ def test_sigkill_mid_ensemble_stores_members_once(tmp_path):
     p.wait()
     first = _rows(db)
     assert len(first) in (0, 4, 8)  # whole ensembles only
+    print("stored before the kill:", len(first))
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     final = _rows(db)
     assert len(final) == 8 == len({k for k, _, _ in final})
     assert {(k, c) for k, c, _ in first} <= {(k, c) for k, c, _ in final}  # not re-run
     assert all(json.loads(r)["status"] == "zero_error" for _, _, r in final)
+
+
+@pytest.mark.slow
+def test_dask_one_task_per_ensemble(tmp_path, monkeypatch):
+    distributed = pytest.importorskip("dask.distributed")
+    cfgs = boolean_configs(range(4))
+    with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
+                                  dashboard_address=None) as cluster:
+        with distributed.Client(cluster.scheduler_address) as client:
+            submitted = []
+            submit = client.submit
+
+            def counting(fn, run_fn, cfgs, *a, **kw):
+                submitted.append(len(cfgs))
+                return submit(fn, run_fn, cfgs, *a, **kw)
+
+            monkeypatch.setattr(client, "submit", counting)
+            with Store(tmp_path / "r.db") as st:
+                s = run_sweep(cfgs, st, "t", scheduler=client, workers=2, progress=False)
+                assert (s.done, s.failed) == (4, 0)
+                recs = list(st.records())
+    assert {r["key"] for r in recs} == {c.key() for c in cfgs}
+    assert all(r["status"] == "zero_error" and r["sharpness"] >= 0 for r in recs)
+    assert submitted == [2, 2]  # one Dask task per ensemble, not 4 single runs
