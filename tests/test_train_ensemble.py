@@ -123,3 +123,18 @@ def test_diverging_member_fails_alone():
     outs = train_ensemble(models, task, TrainConfig(max_epochs=3), [0, 1])
     assert outs[0].result is not None and outs[1].result is None
     assert str(outs[1].error) == str(single.value)
+
+
+def test_loop_backend_is_bitwise_the_single_trainer():
+    """backend='loop' runs the single network's own kernels: identical trajectories, also over
+    long runs where float32 rounding differences would otherwise grow."""
+    tasks = [make_task("digits", 40, a, 30, s) for s, a in ((0, 0), (1, 6))]
+    models = [make_model("fcn", tasks[0].input_shape, seed=30 + i) for i in range(2)]
+    cfg = TrainConfig(optimizer="adam", batch_size=16, max_epochs=60, collapse_patience=0)
+    singles = _singles(models, tasks, cfg, [8, 9])
+    outs = train_ensemble(models, tasks, cfg, [8, 9], backend="loop")
+    for (net, ref), o, m in zip(singles, outs, models, strict=True):
+        assert [h["train_acc"] for h in o.result.history] == [h["train_acc"] for h in ref.history]
+        assert o.result.epochs_trained == ref.epochs_trained
+        for p, q in zip(net.parameters(), m.parameters(), strict=True):
+            assert torch.equal(p, q)

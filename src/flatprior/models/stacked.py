@@ -23,7 +23,7 @@ from torch.func import functional_call, vmap
 from flatprior.errors import FlatpriorError, check_choice
 from flatprior.models.fcn import FCN
 
-BACKENDS = ("auto", "bmm", "vmap")
+BACKENDS = ("auto", "bmm", "loop", "vmap")
 
 #: measured ms per forward+backward step (see module docstring): bmm is faster on both study
 #: systems, so "auto" takes bmm for FCNs
@@ -46,8 +46,8 @@ def resolve_backend(model: nn.Module, backend: str) -> str:
     check_choice("ensemble backend", backend, BACKENDS)
     if backend == "auto":
         return "bmm" if isinstance(model, FCN) else "vmap"
-    if backend == "bmm" and not isinstance(model, FCN):
-        raise FlatpriorError("backend 'bmm' is for FCN models; use backend='vmap'")
+    if backend in ("bmm", "loop") and not isinstance(model, FCN):
+        raise FlatpriorError(f"backend {backend!r} is for FCN models; use backend='vmap'")
     return backend
 
 
@@ -85,12 +85,31 @@ def fcn_forward(params: Sequence[Tensor], x: Tensor) -> Tensor:
     return h.squeeze(-1)
 
 
+def fcn_forward_loop(params: Sequence[Tensor], x: Tensor) -> Tensor:
+    """Like :func:`fcn_forward`, member by member with ``F.linear`` on slices of the stacked
+    parameters: the very kernels (``addmm``) a single :class:`~flatprior.models.FCN` runs, so a
+    member's logits and gradients are bitwise those of the single network on the same batch."""
+    n_layers = len(params) // 2
+    outs = []
+    for m in range(x.shape[0]):
+        h = x[m].reshape(x.shape[1], -1)
+        for i in range(n_layers):
+            h = nn.functional.linear(h, params[2 * i][m], params[2 * i + 1][m])
+            if i < n_layers - 1:
+                h = torch.relu(h)
+        outs.append(h.reshape(-1))
+    return torch.stack(outs)
+
+
 def stacked_forward(model: nn.Module, backend: str = "auto") -> StackedForward:
     """The batched forward ``(params, x[M, B, ...]) -> logits[M, B]`` for ``model``'s
     architecture (``model`` itself is only used as the template; its weights are ignored)."""
     check_stackable_model(model)
-    if resolve_backend(model, backend) == "bmm":
+    backend = resolve_backend(model, backend)
+    if backend == "bmm":
         return fcn_forward
+    if backend == "loop":
+        return fcn_forward_loop
     names = [n for n, _ in model.named_parameters()]
 
     def one(ps: tuple[Tensor, ...], xb: Tensor) -> Tensor:
