@@ -115,6 +115,15 @@ def test_batched_measures_equal_single_network_measures():
         assert bs.n_steps[i] == ref.n_steps and bs.base_loss[i] == pytest.approx(ref.base_loss)
         sn = hessian_spectral_norm(m, nn.BCEWithLogitsLoss(), x, y.reshape(-1, 1), seed=i)
         assert float(bh[i]) == pytest.approx(sn, rel=1e-6)
+    # one shared set (the vectorised path), two eval batches, patience stops members apart
+    shared = batched_keskar_sharpness(models, xs[0], ys[0], 1e-3, batch_size=16, epochs=8,
+                                      patience=1, tol=0.5, eval_batch_size=32, seeds=[4, 5, 6])
+    for i, m in enumerate(models):
+        ref = keskar_sharpness(m, nn.BCEWithLogitsLoss(), xs[0], ys[0].reshape(-1, 1), 1e-3,
+                               "sgd", batch_size=16, epochs=8, patience=1, tol=0.5,
+                               eval_batch_size=32, seed=4 + i, return_details=True)
+        assert shared.value[i] == pytest.approx(ref.value, rel=1e-6)
+        assert shared.n_steps[i] == ref.n_steps
 
 
 def test_log_prior_once_per_distinct_function():

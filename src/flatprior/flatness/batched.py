@@ -96,13 +96,18 @@ def _full_loss(st: _Stack, theta: Tensor, eval_bs: int | None) -> list[float]:
         rows = torch.cat([st.row_losses(theta, st.x[:, sl], st.y[:, sl])
                           for sl in batches(st.x.shape[1], eval_bs)], dim=1)
     rows = rows.masked_fill(~st.mask, 0.0)
-    out = []
-    for m, n in enumerate(st.lens.tolist()):
-        total = 0.0
-        for sl in batches(n, eval_bs):
-            lb = rows[m, sl].sum() / (sl.stop - sl.start)
-            total += float(lb) * (sl.stop - sl.start)
-        out.append(total / n)
+    lens = st.lens.tolist()
+    if eval_bs is None or max(lens) <= eval_bs:  # one eval batch per member: vectorised
+        means = (rows.sum(1) / st.lens.to(rows.dtype)).tolist()
+        out = [lb * n / n for lb, n in zip(means, lens, strict=True)]
+    else:
+        out = []
+        for m, n in enumerate(lens):
+            total = 0.0
+            for sl in batches(n, eval_bs):
+                lb = rows[m, sl].sum() / (sl.stop - sl.start)
+                total += float(lb) * (sl.stop - sl.start)
+            out.append(total / n)
     if not all(math.isfinite(v) for v in out):
         raise FlatpriorError("a member's loss is NaN/inf inside the sharpness box")
     return out
@@ -169,15 +174,23 @@ def batched_keskar_sharpness(
         act = running.nonzero().flatten().tolist()
         perms = {m: torch.randperm(lens[m], generator=gens[m]) for m in act}
         n_steps = max(len(batches(lens[m], batch_size)) for m in act)
+        uniform = len(act) == M and len(set(lens)) == 1
+        if uniform:  # every member runs, same n: one [M, n] order tensor
+            order = torch.stack([perms[m] for m in range(M)])
         for s in range(n_steps):
-            idx = torch.zeros(M, B, dtype=torch.long)
-            w = torch.zeros(M, B, dtype=st.w0.dtype)
-            for m in act:
-                sls = batches(lens[m], batch_size)
-                if s < len(sls):
-                    rows = perms[m][sls[s]]
-                    idx[m, : len(rows)] = rows
-                    w[m, : len(rows)] = 1.0 / len(rows)
+            if uniform:
+                sl = batches(lens[0], batch_size)[s]
+                idx = order[:, sl]
+                w = torch.full(idx.shape, 1.0 / idx.shape[1], dtype=st.w0.dtype)
+            else:
+                idx = torch.zeros(M, B, dtype=torch.long)
+                w = torch.zeros(M, B, dtype=st.w0.dtype)
+                for m in act:
+                    sls = batches(lens[m], batch_size)
+                    if s < len(sls):
+                        rows = perms[m][sls[s]]
+                        idx[m, : len(rows)] = rows
+                        w[m, : len(rows)] = 1.0 / len(rows)
             stepping = (w.sum(1) > 0)
             ar = torch.arange(M)[:, None]
             zz = z.detach().requires_grad_(True)
