@@ -191,8 +191,8 @@ class _StackedOptimizer:
         """One torch step on ``p`` and state ``st`` in place; ``t``: step count before it."""
         h, lr = self.h, self.lr
         wd = float(h.get("weight_decay", 0.0))
-        if wd:
-            g = g.add(p, alpha=wd)
+        if wd:  # g is this step's own gradient tensor: in place saves an allocation per step
+            g = g.add_(p, alpha=wd)
         if self.kind == "sgd":
             mu = float(h.get("momentum", 0.0))
             d = g
