@@ -196,3 +196,17 @@ def test_dask_one_task_per_ensemble(tmp_path, monkeypatch):
     assert {r["key"] for r in recs} == {c.key() for c in cfgs}
     assert all(r["status"] == "zero_error" and r["sharpness"] >= 0 for r in recs)
     assert submitted == [2, 2]  # one Dask task per ensemble, not 4 single runs
+
+
+@pytest.mark.slow
+def test_cli_ensemble_option(tmp_path):
+    base = [sys.executable, "-m", "flatprior.cli", "run", "fig2-boolean", "--set", "seed=[0,1]",
+            "--set", "max_epochs=2", "--set", "measures=[]", "--workers", "1", "--no-progress",
+            "--out", str(tmp_path / "r.db")]
+    bad = subprocess.run([*base, "--ensemble", "sometimes"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "--ensemble must be auto or off" in bad.stderr
+    ok = subprocess.run([*base, "--ensemble", "off"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    again = subprocess.run(base, capture_output=True, text=True, timeout=120)  # auto: resumes
+    assert again.returncode == 0 and "2 already stored" in again.stderr
