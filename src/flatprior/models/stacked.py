@@ -85,6 +85,21 @@ def fcn_forward(params: Sequence[Tensor], x: Tensor) -> Tensor:
     return h.squeeze(-1)
 
 
+def fcn_forward_shared(params: Sequence[Tensor], x: Tensor) -> Tensor:
+    """:func:`fcn_forward` for inputs ``x [n, ...]`` that every member sees: the first layer is
+    one ``[n, d] x [d, M * width]`` matmul (no ``[M, n, d]`` copy of the inputs)."""
+    w1, b1 = params[0], params[1]
+    m, width = w1.shape[0], w1.shape[1]
+    h = x.reshape(x.shape[0], -1) @ w1.reshape(m * width, -1).T  # [n, M * width]
+    h = h.reshape(x.shape[0], m, width).transpose(0, 1) + b1.unsqueeze(1)  # [M, n, width]
+    n_layers = len(params) // 2
+    for i in range(1, n_layers):
+        h = torch.relu(h)
+        w, b = params[2 * i], params[2 * i + 1]
+        h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+    return h.squeeze(-1)
+
+
 def fcn_forward_loop(params: Sequence[Tensor], x: Tensor) -> Tensor:
     """Like :func:`fcn_forward`, member by member with ``F.linear`` on slices of the stacked
     parameters: the very kernels (``addmm``) a single :class:`~flatprior.models.FCN` runs, so a

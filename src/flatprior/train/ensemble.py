@@ -56,6 +56,7 @@ from flatprior.errors import FlatpriorError
 from flatprior.models.stacked import (
     check_same_architecture,
     check_stackable_model,
+    fcn_forward_shared,
     resolve_backend,
     stack_parameters,
     stacked_forward,
@@ -476,6 +477,12 @@ def _train_chunk(models, tasks, config: TrainConfig, seeds, backend: str,
     fit_idx, _, _ = _pad_rows(fit_rows)
     ev = {name: _pad_rows(rows) for name, rows in
           (("train", tr_rows), ("attack", at_rows), ("test", te_rows))}
+    # splits every member shares (one S for all, one E, ...): evaluated without a per-member
+    # copy of the inputs, the first layer as ONE matmul against all members' weights
+    shared = {name: rows[0] for name, rows in
+              (("train", tr_rows), ("attack", at_rows), ("test", te_rows))
+              if backend == "bmm" and len(rows[0])
+              and all(torch.equal(r, rows[0]) for r in rows[1:])}
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     mean = config.loss_reduction == "mean"
 
@@ -493,7 +500,10 @@ def _train_chunk(models, tasks, config: TrainConfig, seeds, backend: str,
         res: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
         for split in ("train", "attack", "test"):
             idx, mask, lens = (t[alive] for t in ev[split])
-            logits = forward(ps, x_all[idx])
+            if split in shared:
+                logits = fcn_forward_shared(ps, x_all[shared[split]])
+            else:
+                logits = forward(ps, x_all[idx])
             y = y_all[idx]
             bce = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
             loss = (bce * mask).sum(1) / lens.clamp(min=1).to(bce.dtype)
@@ -578,6 +588,8 @@ def _train_chunk(models, tasks, config: TrainConfig, seeds, backend: str,
                 w = valid[:, s * B : (s + 1) * B]
                 cnt = w.sum(1)
                 active = cnt > 0
+                if bool(active.all()):
+                    active = None  # nobody sits out: no masked (3x memory traffic) update
                 weight = w.to(dtype) / (cnt.clamp(min=1).to(dtype)[:, None] if mean else 1.0)
             else:
                 b0 = int(batch[act[0]])
@@ -586,7 +598,7 @@ def _train_chunk(models, tasks, config: TrainConfig, seeds, backend: str,
                 weight = None
             if backend == "loop":
                 losses = _member_losses(params, x_all, y_all, idx,
-                                        None if active is None else cnt, config.loss_reduction)
+                                        cnt if ragged else None, config.loss_reduction)
             else:
                 xb, yb = x_all[idx], y_all[idx]
                 bce = nn.functional.binary_cross_entropy_with_logits(
