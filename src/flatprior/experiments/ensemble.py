@@ -30,7 +30,8 @@ MEMBER_FIELDS = ("seed", "data_seed", "n_train", "n_attack", "n_test", "boolean_
 #: measures with a batched (or per-distinct-function) implementation
 ENSEMBLE_MEASURES = ("sharpness", "spectral_norm", "log_prior", "pac_bayes")
 #: default members per ensemble task (progress and resume granularity; larger M is a little
-#: faster per member: Boolean batch 1, M = 250: ~28 ms per member, M = 1000: ~24 ms)
+#: faster per member: Boolean batch 1, training only, loaded machine: M = 200: ~29 ms per
+#: member, M = 1000: ~24 ms)
 DEFAULT_ENSEMBLE_SIZE = 250
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 

@@ -11,11 +11,16 @@ Stacking. Every parameter tensor of shape ``s`` becomes one tensor ``[M, *s]``
 (:mod:`flatprior.models.stacked`). The loss of the ensemble is the sum of the members' own
 losses, so the gradient of that sum with respect to the stacked tensor is, slice by slice, each
 member's own gradient (no member's loss depends on another member's weights). Forward paths:
-``"bmm"`` (batched matmuls, FCN) or ``"vmap"`` (``torch.func.vmap`` + ``functional_call``, any
-model without BatchNorm/Dropout). Measured (forward + backward of one step, 1 thread, machine
+``"bmm"`` (batched matmuls, FCN), ``"vmap"`` (``torch.func.vmap`` + ``functional_call``, any
+model without BatchNorm/Dropout) or ``"loop"`` (FCN, member by member through the single
+network's own ``Linear``/BCE kernels: bitwise the trajectories of :func:`train`, tested; 2.5x
+slower than ``bmm`` on MNIST, 60x on the Boolean batch-1 system). Measured (forward + backward of one step, 1 thread, machine
 loaded by other engineers, ``benchmarks/bench_ensemble.py --backends``): Boolean 7-40-40-1,
 batch 1, M = 1000: ``bmm`` 10.9 ms, ``vmap`` 14.9 ms; MNIST 784-40-40-1, batch 128, M = 55:
-``bmm`` 40.5 ms, ``vmap`` 43.4 ms. ``"auto"`` therefore takes ``bmm`` for FCNs.
+``bmm`` 40.5 ms, ``vmap`` 43.4 ms. ``"auto"`` therefore takes ``bmm`` for FCNs. With ``bmm``
+the float32 rounding differs from the single network's (other matmul kernels): trajectories
+agree to ~1e-7 relative per epoch, and over hundreds of epochs (MNIST) that difference can grow
+until a stopping epoch differs.
 
 Optimizers (all element-wise, hence exact on stacked parameters: every update of entry ``i``
 of member ``m`` reads only entry ``i`` of that member's parameter, gradient and state, and the
