@@ -14,8 +14,9 @@ member's own gradient (no member's loss depends on another member's weights). Fo
 ``"bmm"`` (batched matmuls, FCN), ``"vmap"`` (``torch.func.vmap`` + ``functional_call``, any
 model without BatchNorm/Dropout) or ``"loop"`` (FCN, member by member through the single
 network's own ``Linear``/BCE kernels: bitwise the trajectories of :func:`train`, tested; 2.5x
-slower than ``bmm`` on MNIST, 60x on the Boolean batch-1 system). Measured (forward + backward of one step, 1 thread, machine
-loaded by other engineers, ``benchmarks/bench_ensemble.py --backends``): Boolean 7-40-40-1,
+slower than ``bmm`` on MNIST, 60x on the Boolean batch-1 system). Measured (forward +
+backward of one step, 1 thread, machine loaded by other engineers,
+``benchmarks/bench_ensemble.py --backends``): Boolean 7-40-40-1,
 batch 1, M = 1000: ``bmm`` 10.9 ms, ``vmap`` 14.9 ms; MNIST 784-40-40-1, batch 128, M = 55:
 ``bmm`` 40.5 ms, ``vmap`` 43.4 ms. ``"auto"`` therefore takes ``bmm`` for FCNs. With ``bmm``
 the float32 rounding differs from the single network's (other matmul kernels): trajectories
