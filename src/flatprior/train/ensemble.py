@@ -483,12 +483,11 @@ def _train_chunk(models, tasks, config: TrainConfig, seeds, backend: str,
     fit_idx, _, _ = _pad_rows(fit_rows)
     ev = {name: _pad_rows(rows) for name, rows in
           (("train", tr_rows), ("attack", at_rows), ("test", te_rows))}
-    # splits every member shares (one S for all, one E, ...): evaluated without a per-member
-    # copy of the inputs, the first layer as ONE matmul against all members' weights
-    shared = {name: rows[0] for name, rows in
-              (("train", tr_rows), ("attack", at_rows), ("test", te_rows))
-              if backend == "bmm" and len(rows[0])
-              and all(torch.equal(r, rows[0]) for r in rows[1:])}
+    # every split of a member is one contiguous block of the pool, often shared (one S for all
+    # members of a seed): evaluate block by block, the first layer as ONE matmul against the
+    # weights of all members on that block, without a per-member copy of the inputs
+    blocks = {name: [(int(r[0]), len(r)) if len(r) else None for r in rows] for name, rows in
+              (("train", tr_rows), ("attack", at_rows), ("test", te_rows))}
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     mean = config.loss_reduction == "mean"
 
@@ -506,8 +505,16 @@ def _train_chunk(models, tasks, config: TrainConfig, seeds, backend: str,
         res: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
         for split in ("train", "attack", "test"):
             idx, mask, lens = (t[alive] for t in ev[split])
-            if split in shared:
-                logits = fcn_forward_shared(ps, x_all[shared[split]])
+            if backend == "bmm":
+                logits = torch.zeros(idx.shape, dtype=dtype)
+                by_block: dict[tuple[int, int], list[int]] = {}
+                for j, m in enumerate(alive.tolist()):
+                    if blocks[split][m] is not None:
+                        by_block.setdefault(blocks[split][m], []).append(j)
+                for (start, n), js in by_block.items():
+                    sel = torch.tensor(js)
+                    sub = ps if len(js) == len(alive) else [p[sel] for p in ps]
+                    logits[sel, :n] = fcn_forward_shared(sub, x_all[start : start + n])
             else:
                 logits = forward(ps, x_all[idx])
             y = y_all[idx]
