@@ -138,3 +138,19 @@ def test_loop_backend_is_bitwise_the_single_trainer():
         assert o.result.epochs_trained == ref.epochs_trained
         for p, q in zip(net.parameters(), m.parameters(), strict=True):
             assert torch.equal(p, q)
+
+
+def test_collapse_and_cap_match_single_trainer():
+    task = make_task("boolean", 32, 0, 32, 0)
+    models = [make_model("fcn", task.input_shape, seed=s) for s in range(3)]
+    with torch.no_grad():
+        models[1][-1].bias.fill_(1e4)  # saturated: always class 1 -> collapse
+    cfg = TrainConfig(collapse_patience=4, lr=1e-6, max_epochs=6)
+    singles = _singles(models, [task] * 3, cfg, [0, 1, 2])
+    outs = train_ensemble(models, task, cfg, [0, 1, 2])
+    for (_, ref), o in zip(singles, outs, strict=True):
+        r = o.result
+        assert (r.status, r.epochs_trained, r.message) == (ref.status, ref.epochs_trained,
+                                                           ref.message)
+    assert outs[1].result.status == "collapsed"
+    assert outs[0].result.status == "did_not_reach_zero_error"
