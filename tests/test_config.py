@@ -147,7 +147,6 @@ def test_unknown_measure_is_one_line_naming_the_registry():
 def test_every_measure_writes_only_its_declared_keys_and_its_column():
     """All measures through the registry's dispatch on a tiny digits FCN (about 3 s)."""
     from flatprior.pipeline import build_model, build_task, compute_measures
-
     from flatprior.train import train
 
     cfg = make_config(n_train=40, n_test=30, hidden=(6,), topk=5, sharpness_epochs=2,

@@ -208,6 +208,9 @@ def run_cmd(
     dry_run: Annotated[bool, typer.Option(help="validate and show the sweep, run nothing")] = False,
     progress: Annotated[bool, typer.Option(help="show the progress bar")] = True,
     run_fn: Annotated[str | None, typer.Option(hidden=True, help="module:function")] = None,
+    ensemble: Annotated[
+        str, typer.Option(help="auto: train compatible runs together as ensembles | off")
+    ] = "auto",
 ) -> None:
     """Run an experiment spec (resumable: finished runs in --out are skipped)."""
     from flatprior.experiments.runner import import_run_fn, preflight, run_sweep
@@ -229,6 +232,7 @@ def run_cmd(
         summary = run_sweep(
             res.configs, store, res.label, info=res.info(), run_fn=fn, workers=workers,
             scheduler=scheduler, retry_failed=retry_failed, progress=progress, console=err,
+            ensemble=ensemble,
         )
     err.print(summary.line())
     if summary.failed:

@@ -30,7 +30,7 @@ from flatprior.measures import FLATNESS_MEASURES, MEASURES, PRIOR_MEASURES, REGI
 __all__ = [
     "FLATNESS_MEASURES", "LATER_FIELDS", "MEASURES", "NON_KEY_FIELDS", "PRIOR_MEASURES",
     "RunConfig", "build_model", "build_task", "compute_measures", "flatness_group", "kernel_of",
-    "make_config", "prior_group", "prior_measures", "run", "sharpness_lbfgsb",
+    "make_config", "prior_group", "train_record", "prior_measures", "run", "sharpness_lbfgsb",
     "validation_message", "versions",
 ]
 
@@ -274,6 +274,29 @@ def run(
         callbacks.append(per_epoch)
     result = train(model, task, tcfg, callbacks, progress=progress)
     model.eval()
+    record = train_record(cfg, task, model, result)
+    record.update(compute_measures(model, task, cfg, cfg.measures))
+    record["history"] = result.history
+    record["wall_time_s"] = time.perf_counter() - t_start
+    record = _jsonable(record)
+    if save_model is not None:
+        from pathlib import Path
+
+        from flatprior.checkpoint import save_checkpoint
+
+        path = Path(save_model).expanduser()
+        save_checkpoint(model, path.name, config=record["config"], out_dir=path.parent)
+        record["model_path"] = str(path)
+    return record
+
+
+def train_record(cfg: RunConfig, task, model, result) -> dict[str, Any]:
+    """The record's fields up to the measures.
+
+    Key, config, versions, the training outcome, ``train_time_s``, ``notes`` and (Boolean)
+    ``function``. Shared by :func:`run` and the ensemble path
+    (:mod:`flatprior.experiments.ensemble`), so both write the same fields.
+    """
     record: dict[str, Any] = {
         "key": cfg.key(),
         "config": cfg.model_dump(mode="json"),
@@ -295,18 +318,6 @@ def run(
         bits = predict(model, torch.as_tensor(boolean_inputs())).int().tolist()
         record["function"] = "".join(map(str, bits))  # f on all 128 inputs, input order of
         # flatprior.data.boolean.boolean_inputs
-    record.update(compute_measures(model, task, cfg, cfg.measures))
-    record["history"] = result.history
-    record["wall_time_s"] = time.perf_counter() - t_start
-    record = _jsonable(record)
-    if save_model is not None:
-        from pathlib import Path
-
-        from flatprior.checkpoint import save_checkpoint
-
-        path = Path(save_model).expanduser()
-        save_checkpoint(model, path.name, config=record["config"], out_dir=path.parent)
-        record["model_path"] = str(path)
     return record
 
 

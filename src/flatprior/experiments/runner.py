@@ -6,6 +6,12 @@ skipped (``--retry-failed`` re-runs the ``failed`` ones), so a killed sweep resu
 stopped. A run that raises is recorded with ``status = "failed"`` and its error text; the sweep
 goes on.
 
+With ``ensemble="auto"`` (the default) and the default run function, compatible runs (same
+architecture, dataset and optimizer settings, differing in seed/sizes; see
+:mod:`flatprior.experiments.ensemble`) are trained and measured together as one work item (one
+process task or one Dask task) and stored together in one transaction, so a killed ensemble
+leaves none of its members and resumes as a whole. Other runs take the per-run path.
+
 The run function is injectable (``run_fn``: any picklable ``dict -> record dict`` function, by
 default :func:`flatprior.pipeline.run`), which is how the tests use cheap fakes.
 """
@@ -100,6 +106,18 @@ def execute(run_fn: RunFn, cfg: dict[str, Any], single_thread: bool = False) -> 
         }
     rec.setdefault("status", "done")
     return rec
+
+
+def execute_item(run_fn: RunFn, cfgs: list[dict[str, Any]], single_thread: bool = False,
+                 ensemble: bool = False) -> list[dict[str, Any]]:
+    """One work item in a worker: one run (``run_fn``) or, with ``ensemble``, compatible runs
+    as one ensemble (:func:`flatprior.experiments.ensemble.execute_ensemble`); never raises.
+    """
+    if not ensemble:
+        return [execute(run_fn, c, single_thread) for c in cfgs]
+    from flatprior.experiments.ensemble import execute_ensemble
+
+    return execute_ensemble(cfgs, single_thread)
 
 
 def _finish(rec: dict[str, Any], key: str, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -198,6 +216,7 @@ def run_sweep(
     console=None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
     connect_timeout: float = 20.0,
+    ensemble: str = "auto",
 ) -> SweepSummary:
     """Run every configuration not yet in ``store`` and store each record as it arrives.
 
@@ -215,20 +234,26 @@ def run_sweep(
         on_record: called with each stored record (in this process).
         connect_timeout: seconds to wait for the Dask scheduler.
         console: rich console for the progress bar and messages (default: stderr).
+        ensemble: ``"auto"``: group compatible runs into ensembles (default run function only);
+            ``"off"``: one run per task.
 
     Returns:
         A :class:`SweepSummary`.
     """
     t0 = time.perf_counter()
+    if ensemble not in ("auto", "off"):
+        raise FlatpriorError(f"--ensemble must be auto or off, got {ensemble!r}")
+    use_ensembles = ensemble == "auto" and run_fn is None
     run_fn = run_fn or default_run_fn
     configs = list(configs)
     stored = store.statuses()
-    todo, skipped = [], []
+    todo, skipped, by_key = [], [], {}
     for cfg in configs:
         key = cfg.key()
         st = stored.get(key)
         if st is None or (retry_failed and st == FAILED):
             todo.append((key, cfg.model_dump(mode="json")))
+            by_key[key] = cfg
         else:
             skipped.append(key)
     store.set_spec(label, info or {"label": label})
@@ -243,35 +268,44 @@ def run_sweep(
         console = Console(stderr=True)
     prog, tid = _progress(console, label, len(todo), progress)
 
-    def take(key: str, cfg: dict[str, Any], rec: dict[str, Any]) -> None:
-        rec = _finish(rec, key, cfg)
-        store.put(rec, label)
-        summary.done += 1
-        if rec["status"] == FAILED:
-            summary.failed += 1
-            prog.update(tid, failed=f"[red]{summary.failed} failed")
-        prog.advance(tid)
-        if on_record is not None:
-            on_record(rec)
+    def take(item: list[tuple[str, dict[str, Any]]], recs: list[dict[str, Any]]) -> None:
+        recs = [_finish(rec, key, cfg) for (key, cfg), rec in zip(item, recs, strict=True)]
+        store.put_many(recs, label)  # one transaction: an ensemble is stored whole or not
+        for rec in recs:
+            summary.done += 1
+            if rec["status"] == FAILED:
+                summary.failed += 1
+                prog.update(tid, failed=f"[red]{summary.failed} failed")
+            prog.advance(tid)
+            if on_record is not None:
+                on_record(rec)
 
+    n = workers if workers is not None else (os.cpu_count() or 1)
+    if scheduler is None and n < 1:
+        raise FlatpriorError(f"--workers must be >= 1, got {n}")
+    if use_ensembles:
+        from flatprior.experiments.ensemble import plan
+
+        groups = plan([(k, by_key[k]) for k, _ in todo], n)
+        dumped = dict(todo)
+        items = [([(k, dumped[k]) for k, _ in g], len(g) > 1) for g in groups]
+    else:
+        items = [([t], False) for t in todo]
     with prog:
         if scheduler is not None:
-            _run_dask(todo, run_fn, scheduler, take, connect_timeout)
+            _run_dask(items, run_fn, scheduler, take, connect_timeout)
         else:
-            n = workers if workers is not None else (os.cpu_count() or 1)
-            if n < 1:
-                raise FlatpriorError(f"--workers must be >= 1, got {n}")
-            n = min(n, len(todo))
+            n = min(n, len(items))
             if n == 1:
-                for key, cfg in todo:
-                    take(key, cfg, execute(run_fn, cfg))
+                for item, ens in items:
+                    take(item, execute_item(run_fn, [c for _, c in item], False, ens))
             else:
-                _run_pool(todo, run_fn, n, take)
+                _run_pool(items, run_fn, n, take)
     summary.wall_time_s = time.perf_counter() - t0
     return summary
 
 
-def _run_pool(todo, run_fn: RunFn, n: int, take) -> None:
+def _run_pool(items, run_fn: RunFn, n: int, take) -> None:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
@@ -279,24 +313,25 @@ def _run_pool(todo, run_fn: RunFn, n: int, take) -> None:
     # spawn, not fork: the parent may hold torch/BLAS thread pools that do not survive a fork
     pool = ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"), initializer=_single_thread)
     try:
-        futs = {pool.submit(execute, run_fn, cfg, True): (key, cfg) for key, cfg in todo}
+        futs = {pool.submit(execute_item, run_fn, [c for _, c in item], True, ens): item
+                for item, ens in items}
         for fut in as_completed(futs):
-            key, cfg = futs[fut]
+            item = futs[fut]
             try:
-                rec = fut.result()
+                recs = fut.result()
             except BrokenProcessPool:
                 raise FlatpriorError(
                     "a worker process died (out of memory or killed); finished runs are saved, "
                     "re-run the same command to resume (try fewer --workers)"
                 ) from None
-            take(key, cfg, rec)
+            take(item, recs)
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
 
 
-def _run_dask(todo, run_fn: RunFn, scheduler, take, timeout: float) -> None:
+def _run_dask(items, run_fn: RunFn, scheduler, take, timeout: float) -> None:
     try:
         from dask.distributed import Client, as_completed
     except ImportError:  # pragma: no cover - dask is a dependency
@@ -316,17 +351,18 @@ def _run_dask(todo, run_fn: RunFn, scheduler, take, timeout: float) -> None:
         client = scheduler
     try:
         futs = {}
-        for key, cfg in todo:
-            dkey = f"flatprior-{key}-{uuid.uuid4().hex[:8]}"
-            f = client.submit(execute, run_fn, cfg, True, pure=False, key=dkey)
-            futs[f] = (key, cfg)
+        for item, ens in items:  # one Dask task per run or per ensemble
+            dkey = f"flatprior-{item[0][0]}-{uuid.uuid4().hex[:8]}"
+            f = client.submit(execute_item, run_fn, [c for _, c in item], True, ens, pure=False,
+                              key=dkey)
+            futs[f] = item
         for fut in as_completed(list(futs)):
-            key, cfg = futs[fut]
+            item = futs[fut]
             try:
-                rec = fut.result()
+                recs = fut.result()
             except Exception as exc:  # e.g. KilledWorker: the run's worker died repeatedly
-                rec = {"status": FAILED, "error": f"{type(exc).__name__}: {exc}"}
-            take(key, cfg, rec)
+                recs = [{"status": FAILED, "error": f"{type(exc).__name__}: {exc}"}] * len(item)
+            take(item, [dict(r) for r in recs])
             fut.release()
     finally:
         if own:

@@ -157,20 +157,31 @@ class Store:
     # -- writing -----------------------------------------------------------------------------
     def put(self, record: dict[str, Any], spec: str | None = None) -> None:
         """Insert or replace one run record in one transaction (needs ``key`` and ``status``)."""
-        key, status = record.get("key"), record.get("status")
-        if not key or not status:
-            raise FlatpriorError("a record needs 'key' and 'status' to be stored")
-        try:
-            blob = json.dumps(record, allow_nan=False, separators=(",", ":"))
-        except ValueError as exc:
-            raise FlatpriorError(f"record {key} is not JSON-serialisable ({exc})") from None
+        self.put_many([record], spec)
+
+    def put_many(self, records: Iterable[dict[str, Any]], spec: str | None = None) -> None:
+        """Insert or replace run records, all in ONE transaction (an ensemble's members are
+        stored together or not at all).
+        """
+        rows = []
+        for record in records:
+            key, status = record.get("key"), record.get("status")
+            if not key or not status:
+                raise FlatpriorError("a record needs 'key' and 'status' to be stored")
+            try:
+                blob = json.dumps(record, allow_nan=False, separators=(",", ":"))
+            except ValueError as exc:
+                raise FlatpriorError(f"record {key} is not JSON-serialisable ({exc})") from None
+            rows.append((key, status, time.time(), blob))
         with self._writing():  # BEGIN … COMMIT, or ROLLBACK on error: never a partial row
-            self._con.execute(
+            self._con.executemany(
                 "INSERT OR REPLACE INTO runs(key, status, created, record) VALUES (?, ?, ?, ?)",
-                (key, status, time.time(), blob),
+                rows,
             )
             if spec:
-                self._con.execute("INSERT OR IGNORE INTO members VALUES (?, ?)", (spec, key))
+                self._con.executemany(
+                    "INSERT OR IGNORE INTO members VALUES (?, ?)", [(spec, r[0]) for r in rows]
+                )
 
     def set_spec(self, label: str, info: dict[str, Any]) -> None:
         """Store (or update) the description of a spec label."""

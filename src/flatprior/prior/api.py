@@ -6,7 +6,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from flatprior.errors import FlatpriorError, check_choice
 
-__all__ = ["LOG_PRIOR_METHODS", "LogPriorResult", "log_prior", "function_log_prior"]
+__all__ = ["LOG_PRIOR_METHODS", "LogPriorResult", "function_log_prior", "log_prior",
+           "log_prior_distinct"]
 
 
 @runtime_checkable
@@ -82,6 +83,29 @@ def log_prior(K, y, method: str = "ep", **kwargs: Any):
     from flatprior.prior.tilting import log_prior_tilting
 
     return log_prior_tilting(K, y, **kwargs)
+
+
+def log_prior_distinct(K, labels, method: str = "ep", **kwargs: Any) -> tuple[list, int]:
+    """``log_prior(K, y)`` for every row ``y`` of ``labels`` (``[M, n]``), each distinct row once.
+
+    Many networks of a sweep find the same function (the Boolean system: thousands of SGD runs,
+    a few hundred distinct functions, one kernel for all): the estimator runs once per distinct
+    label vector and the result object is shared by the rows that have it.
+
+    Returns:
+        ``(results, n_distinct)``: one result per row of ``labels`` (shared objects for equal
+        rows) and the number of estimator calls made.
+    """
+    import torch
+
+    lab = torch.as_tensor(labels)
+    if lab.dim() != 2:
+        raise FlatpriorError(
+            f"labels must be [M, n] (one label vector per row), got {tuple(lab.shape)}"
+        )
+    uniq, inverse = torch.unique(lab, dim=0, return_inverse=True)
+    done = [log_prior(K, uniq[i], method=method, **kwargs) for i in range(len(uniq))]
+    return [done[int(j)] for j in inverse], len(uniq)
 
 
 def function_log_prior(

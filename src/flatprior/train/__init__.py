@@ -1,5 +1,6 @@
-"""Training to zero error: optimizer registry (incl. Entropy-SGD) and the trainer."""
+"""Training to zero error: optimizer registry (incl. Entropy-SGD), the trainer, and ensembles."""
 
+from flatprior.train.ensemble import EnsembleOutcome, train_ensemble
 from flatprior.train.entropy_sgd import EntropySGD
 from flatprior.train.optimizers import OPTIMIZERS, make_optimizer
 from flatprior.train.stopping import Collapse, EpochCap, Stop, StopRules, ZeroError
@@ -8,6 +9,7 @@ from flatprior.train.trainer import TrainConfig, TrainResult, evaluate, predict,
 __all__ = [
     "OPTIMIZERS",
     "Collapse",
+    "EnsembleOutcome",
     "EntropySGD",
     "EpochCap",
     "Stop",
@@ -19,4 +21,5 @@ __all__ = [
     "predict",
     "train",
     "ZeroError",
+    "train_ensemble",
 ]

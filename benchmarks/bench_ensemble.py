@@ -1,0 +1,156 @@
+"""Benchmark: ensemble training (``flatprior run --ensemble auto``) vs the per-run path.
+
+Both paths go through the runner and the SQLite store (``run_sweep``) with the same number of
+worker processes, measured in the same process run:
+
+* Boolean ``fig2-boolean --preset paper`` runs (FCN 7-40-40-1, batch 1, momentum, to zero error,
+  sharpness + Hessian spectral norm + log P(f)): the ensemble path on ``--boolean-runs`` runs
+  (default 1000); the per-run path on the first ``--baseline-runs`` of them (default 40), its
+  time projected linearly to all runs (printed as such). Goal: >= 50x.
+* ``fig3 mnist-fcn --preset paper`` (55 runs, SGD batch 128, |S| = 500, sharpness + log P(f)):
+  both paths on all runs. Goal: >= 3x.
+* ``--backends``: one training step (forward + backward) of the stacked ``bmm`` and ``vmap``
+  forwards on both systems.
+
+The records of the runs both paths made are compared: how many have the same status, stopping
+epoch and function (float32 rounding differs between batched and single matmuls, and over
+hundreds of MNIST epochs it can grow until a stopping epoch differs), and the largest relative
+difference of the measures on those.
+
+Usage: python benchmarks/bench_ensemble.py [--quick] [--workers 2] [--data-root DIR]
+       [--boolean-runs N] [--baseline-runs N] [--skip-boolean] [--skip-mnist] [--backends]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+
+def _sweep(configs, label, workers, ensemble):
+    from flatprior.experiments.runner import run_sweep
+    from flatprior.experiments.store import Store
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with Store(Path(tmp) / "b.db") as st:
+            t0 = time.perf_counter()
+            s = run_sweep(configs, st, label, workers=workers, progress=False, ensemble=ensemble)
+            wall = time.perf_counter() - t0
+            recs = {r["key"]: r for r in st.records()}
+    bad = [r.get("error") for r in recs.values() if r["status"] == "failed"]
+    assert s.failed == 0, bad[:3]
+    return wall, recs
+
+
+def _compare(per_run: dict, ens: dict, measures) -> str:
+    same = [
+        k for k, r in per_run.items()
+        if (ens[k]["status"], ens[k]["epochs_to_zero_error"], ens[k].get("function"))
+        == (r["status"], r["epochs_to_zero_error"], r.get("function"))
+    ]
+    parts = [f"same status/stopping epoch/function: {len(same)} of {len(per_run)} runs"]
+    for m in measures:
+        rel = max(abs(ens[k][m] - per_run[k][m]) / max(abs(per_run[k][m]), 1e-300) for k in same)
+        parts.append(f"max rel diff {m} on those: {rel:.1e}")
+    return "; ".join(parts)
+
+
+def bench_boolean(n_runs: int, n_base: int, workers: int) -> None:
+    from flatprior.experiments.specs import resolve
+
+    res = resolve("fig2-boolean", "paper", None, {"seed": list(range(n_runs))})
+    configs = res.configs
+    print(f"\nBoolean fig2 paper preset (batch 1, {configs[0].optimizer}, measures "
+          f"{list(configs[0].measures)}): {n_runs} runs, {workers} workers")
+    t_base, base = _sweep(configs[:n_base], res.label, workers, "off")
+    proj = t_base * n_runs / n_base
+    print(f"  per-run path: {n_base} runs in {t_base:.1f} s ({t_base / n_base:.3f} s per run); "
+          f"projected to {n_runs} runs: {proj:.1f} s")
+    t_ens, ens = _sweep(configs, res.label, workers, "auto")
+    print(f"  ensemble path: {n_runs} runs in {t_ens:.1f} s ({t_ens / n_runs * 1e3:.1f} ms per "
+          f"run)")
+    print(f"  RATIO per-run (projected) / ensemble: {proj / t_ens:.1f}x   [goal >= 50x]")
+    print("  " + _compare(base, {k: ens[k] for k in base}, configs[0].measures))
+    n_fun = len({r["function"] for r in ens.values()})
+    print(f"  distinct functions among {n_runs} runs: {n_fun} (log P(f) computed once each)")
+
+
+def bench_mnist(data_root: str, workers: int, quick: bool) -> None:
+    from flatprior.experiments.runner import preflight
+    from flatprior.experiments.specs import resolve
+
+    over = {"data_root": data_root}
+    if quick:
+        over.update(n_attack=[0, 250, 500], seed=[0, 1])
+    res = resolve("fig3", "paper", "mnist-fcn", over)
+    configs = res.configs
+    preflight(configs)
+    print(f"\nfig3 mnist-fcn paper preset: {len(configs)} runs, {workers} workers")
+    t_base, base = _sweep(configs, res.label, workers, "off")
+    print(f"  per-run path: {t_base:.1f} s")
+    t_ens, ens = _sweep(configs, res.label, workers, "auto")
+    print(f"  ensemble path: {t_ens:.1f} s")
+    print(f"  RATIO per-run / ensemble: {t_base / t_ens:.2f}x   [goal >= 3x]")
+    print("  " + _compare(base, ens, configs[0].measures))
+
+
+def bench_backends(reps: int) -> None:
+    import torch
+
+    from flatprior.models import make_model
+    from flatprior.models.stacked import stack_parameters, stacked_forward
+
+    print("\nstacked forward+backward of one training step (ms):")
+    for d, b, m in ((7, 1, 1000), (784, 128, 55)):
+        models = [make_model("fcn", (d,), seed=s) for s in range(m)]
+        ps = [p.requires_grad_(True) for p in stack_parameters(models)]
+        x, y = torch.randn(m, b, d), (torch.rand(m, b) > 0.5).float()
+        row = []
+        for backend in ("bmm", "vmap"):
+            f = stacked_forward(models[0], backend)
+            for _rep in range(2):  # first pass warms up
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    loss = torch.nn.functional.binary_cross_entropy_with_logits(f(ps, x), y)
+                    torch.autograd.grad(loss, ps)
+                dt = (time.perf_counter() - t0) / reps * 1e3
+            row.append(f"{backend} {dt:.2f}")
+        print(f"  FCN {d}-40-40-1, batch {b}, M = {m}: " + ", ".join(row))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="100 Boolean runs, 6 MNIST runs")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--boolean-runs", type=int, default=None)
+    ap.add_argument("--baseline-runs", type=int, default=None)
+    ap.add_argument("--skip-boolean", action="store_true")
+    ap.add_argument("--skip-mnist", action="store_true")
+    ap.add_argument("--backends", action="store_true", help="only the bmm/vmap step timing")
+    ap.add_argument(
+        "--data-root",
+        default=os.environ.get(
+            "FLATPRIOR_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data")
+        ),
+    )
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    if args.backends:
+        bench_backends(5 if args.quick else 30)
+        return
+    if not args.skip_boolean:
+        n = args.boolean_runs or (100 if args.quick else 1000)
+        bench_boolean(n, min(n, args.baseline_runs or (10 if args.quick else 40)), args.workers)
+    if not args.skip_mnist:
+        bench_mnist(args.data_root, args.workers, args.quick)
+    print(f"load average at end: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()

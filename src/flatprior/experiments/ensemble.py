@@ -1,0 +1,259 @@
+"""Run compatible runs of a sweep as one ensemble: train together, measure together, one record
+each, with the same fields as :func:`flatprior.pipeline.run`.
+
+Runs are compatible when their configs differ only in :data:`MEMBER_FIELDS` (seed, data seed,
+sizes of S/A/E, Boolean target): one architecture, dataset and optimizer configuration. A run
+takes the per-run path instead (``why_not_ensemble`` says why) for a non-FCN model, per-epoch
+measures, alpha-scaling, Entropy-SGD/FAM/augmentation, L-BFGS-B sharpness, or measures without a
+batched version (``logprod_topk``, ``trace``, ``relative_flatness``).
+
+Values per member equal the per-run path's (training: float32 rounding; measures: the batched
+versions in :mod:`flatprior.flatness.batched`, tested to 1e-6 relative; log P(f): the same
+estimator, once per distinct function). Wall times: ``train_time_s``, ``<measure>_time_s`` and
+``wall_time_s`` are the ensemble's times divided by its members (so they add up to the real
+total); ``history[*].epoch_time_s`` likewise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import traceback
+from collections import defaultdict
+from typing import Any
+
+from flatprior.errors import FlatpriorError
+
+#: config fields that may differ between members of one ensemble
+MEMBER_FIELDS = ("seed", "data_seed", "n_train", "n_attack", "n_test", "boolean_target")
+#: measures with a batched (or per-distinct-function) implementation
+ENSEMBLE_MEASURES = ("sharpness", "spectral_norm", "log_prior", "pac_bayes")
+#: default members per ensemble task (progress and resume granularity; larger M is a little
+#: faster per member: Boolean batch 1, training only, loaded machine: M = 200: ~29 ms per
+#: member, M = 1000: ~24 ms)
+DEFAULT_ENSEMBLE_SIZE = 250
+DEFAULT_MEMORY_BUDGET = 2 * 1024**3
+
+
+def why_not_ensemble(cfg) -> str | None:
+    """``None`` if the run (a :class:`flatprior.pipeline.RunConfig`) can be an ensemble member,
+    else the reason it takes the per-run path.
+    """
+    from flatprior.train.ensemble import STACKABLE
+
+    if cfg.model != "fcn":
+        return f"model {cfg.model!r} (ensembles train FCNs)"
+    if cfg.optimizer not in STACKABLE:
+        return f"optimizer {cfg.optimizer!r} is not element-wise"
+    if cfg.fam_strength > 0 or cfg.augment:
+        return "FAM regulariser or augmentation"
+    if cfg.measure_every:
+        return "per-epoch measures"
+    if cfg.alpha_epoch is not None:
+        return "alpha-scaling"
+    bad = [m for m in cfg.measures if m not in ENSEMBLE_MEASURES]
+    if bad:
+        return f"measure(s) {bad} have no batched version"
+    if "sharpness" in cfg.measures and cfg.sharpness_method != "sgd":
+        return "L-BFGS-B sharpness"
+    return None
+
+
+def group_key(cfg) -> str | None:
+    """Runs with equal keys can share an ensemble; ``None``: per-run path."""
+    if why_not_ensemble(cfg) is not None:
+        return None
+    d = cfg.model_dump(mode="json", exclude=set(MEMBER_FIELDS))
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def plan(todo: list[tuple[str, Any]], parallel: int, max_size: int = DEFAULT_ENSEMBLE_SIZE,
+         ) -> list[list[tuple[str, Any]]]:
+    """Cut ``todo`` (``(key, RunConfig)`` pairs) into work items: ensembles of compatible runs
+    (at most ``max_size`` members, and split so ``parallel`` workers all get one), and single
+    runs. Order within a group follows ``todo``.
+    """
+    groups: dict[str, list] = defaultdict(list)
+    items: list[list] = []
+    for key, cfg in todo:
+        g = group_key(cfg)
+        if g is None:
+            items.append([(key, cfg)])
+        else:
+            groups[g].append((key, cfg))
+    for members in groups.values():
+        if len(members) == 1:
+            items.append(members)
+            continue
+        n_parts = max(-(-len(members) // max_size), min(parallel, len(members) // 2 or 1))
+        size = -(-len(members) // n_parts)
+        items += [members[i : i + size] for i in range(0, len(members), size)]
+    return items
+
+
+def _failed(exc: BaseException, wall: float) -> dict[str, Any]:
+    from flatprior.experiments.store import FAILED
+
+    tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    return {"status": FAILED, "error": f"{type(exc).__name__}: {exc}",
+            "traceback": "".join(tb[-6:]), "wall_time_s": wall}
+
+
+def execute_ensemble(cfgs: list[dict[str, Any]], single_thread: bool = False,
+                     memory_budget: int = DEFAULT_MEMORY_BUDGET) -> list[dict[str, Any]]:
+    """:func:`run_ensemble` in a worker; never raises: an exception fails every member."""
+    from flatprior.experiments.runner import _single_thread
+
+    if single_thread:
+        _single_thread()
+    t0 = time.perf_counter()
+    try:
+        recs = run_ensemble(cfgs, memory_budget=memory_budget)
+    except Exception as exc:  # recorded, not fatal to the sweep
+        return [_failed(exc, (time.perf_counter() - t0) / len(cfgs)) for _ in cfgs]
+    for r in recs:
+        r.setdefault("status", "done")
+    return recs
+
+
+def _task_signature(cfg) -> tuple:
+    return (cfg.dataset, cfg.data_root, cfg.n_train, cfg.n_attack, cfg.n_test,
+            cfg.seed if cfg.data_seed is None else cfg.data_seed, cfg.boolean_target)
+
+
+def run_ensemble(cfgs: list[dict[str, Any]], *, memory_budget: int = DEFAULT_MEMORY_BUDGET
+                 ) -> list[dict[str, Any]]:
+    """Execute compatible runs together; one record per config, in order (failed members get a
+    ``failed`` record with the error the per-run path would raise).
+    """
+    import torch
+
+    from flatprior.flatness.batched import batched_hessian_spectral_norm, batched_keskar_sharpness
+    from flatprior.pipeline import (
+        _jsonable,
+        build_model,
+        build_task,
+        kernel_of,
+        make_config,
+        train_record,
+    )
+    from flatprior.prior import pac_bayes_bound
+    from flatprior.prior.api import log_prior_distinct
+    from flatprior.train import predict, train_ensemble
+
+    t_start = time.perf_counter()
+    runs = [make_config(**c) if isinstance(c, dict) else c for c in cfgs]
+    keys = {group_key(c) for c in runs}
+    if None in keys or len(keys) != 1:
+        raise FlatpriorError(
+            "these runs cannot share an ensemble (different architecture/dataset/optimizer "
+            "settings or unsupported options); run them with --ensemble off"
+        )
+    cfg0 = runs[0]
+    task_cache: dict[tuple, Any] = {}
+    tasks = []
+    for c in runs:
+        sig = _task_signature(c)
+        if sig not in task_cache:
+            task_cache[sig] = build_task(c)
+        tasks.append(task_cache[sig])
+    models = [build_model(c, t.input_shape) for c, t in zip(runs, tasks, strict=True)]
+    outs = train_ensemble(models, tasks, cfg0.train_config(), [c.seed for c in runs],
+                          memory_budget=memory_budget)
+    t_train = time.perf_counter() - t_start
+    ok = [i for i, o in enumerate(outs) if o.error is None]
+    records: list[dict[str, Any] | None] = [None] * len(runs)
+    for i in ok:
+        models[i].eval()
+        records[i] = train_record(runs[i], tasks[i], models[i], outs[i].result)
+        records[i]["train_time_s"] = t_train / len(runs)
+    which = cfg0.measures
+    if ok and "sharpness" in which:
+        t0 = time.perf_counter()
+        res = _chunked(ok, models, memory_budget, lambda idx: batched_keskar_sharpness(
+            [models[i] for i in idx], [tasks[i].x_train for i in idx],
+            [tasks[i].y_train for i in idx], cfg0.sharpness_eps, epochs=cfg0.sharpness_epochs,
+            seeds=[runs[i].seed for i in idx]))
+        dt = (time.perf_counter() - t0) / len(ok)
+        for i, (value, steps) in zip(ok, res, strict=True):
+            records[i].update(sharpness=value, sharpness_method="sgd",
+                              sharpness_eps=float(cfg0.sharpness_eps), sharpness_steps=steps,
+                              sharpness_time_s=dt)
+    if ok and "spectral_norm" in which:
+        t0 = time.perf_counter()
+        res = _chunked(ok, models, memory_budget, lambda idx: batched_hessian_spectral_norm(
+            [models[i] for i in idx], [tasks[i].x_train for i in idx],
+            [tasks[i].y_train for i in idx], seeds=[runs[i].seed for i in idx]).tolist(),
+            lanczos=True)
+        dt = (time.perf_counter() - t0) / len(ok)
+        for i, v in zip(ok, res, strict=True):
+            records[i].update(spectral_norm=v, spectral_norm_time_s=dt)
+    if ok and ("log_prior" in which or "pac_bayes" in which):
+        # one kernel per distinct X = S ∪ E, one estimate per distinct function on it
+        # (for one seed S and E do not depend on n_attack: fig3's 55 runs have 5 kernels)
+        by_x: dict[bytes, list[int]] = defaultdict(list)
+        xs = {}
+        for i in ok:
+            x = torch.cat([tasks[i].x_train, tasks[i].x_test])
+            h = hashlib.sha256(x.numpy().tobytes()).digest() + bytes(str(tuple(x.shape)), "ascii")
+            by_x[h].append(i)
+            xs[h] = x
+        for h, idx in by_x.items():
+            task = tasks[idx[0]]
+            t0 = time.perf_counter()
+            x = xs[h]
+            K = kernel_of(x, cfg0)
+            dt_k = (time.perf_counter() - t0) / len(idx)
+            for i in idx:
+                records[i]["kernel_time_s"] = dt_k
+            if "log_prior" in which:
+                t0 = time.perf_counter()
+                labels = torch.stack([predict(models[i], x) for i in idx])
+                results, _ = log_prior_distinct(K, labels, method=cfg0.prior_method)
+                dt = (time.perf_counter() - t0) / len(idx)
+                for i, r in zip(idx, results, strict=True):
+                    rec = records[i]
+                    rec["log_prior"] = float(r.log_prob)
+                    rec["log_prior_converged"] = bool(getattr(r, "converged", True))
+                    for name in ("std_err", "ci_low", "ci_high"):
+                        if getattr(r, name, None) is not None:
+                            rec[f"log_prior_{name}"] = float(getattr(r, name))
+                    rec["log_prior_time_s"] = dt
+            if "pac_bayes" in which:
+                t0 = time.perf_counter()
+                m = len(task.y_train)
+                # one estimate per distinct true labelling of S (Boolean targets may differ)
+                ys = torch.stack([tasks[i].y_train for i in idx])
+                results, _ = log_prior_distinct(K[:m, :m], ys, method=cfg0.prior_method)
+                dt = (time.perf_counter() - t0) / len(idx)
+                for i, r in zip(idx, results, strict=True):
+                    bound = float(pac_bayes_bound(r.log_prob, m, cfg0.pac_bayes_delta))
+                    records[i].update(log_p_train=float(r.log_prob), pac_bayes_bound=bound,
+                                      pac_bayes_time_s=dt)
+    wall = (time.perf_counter() - t_start) / len(runs)
+    out = []
+    for i, o in enumerate(outs):
+        if o.error is not None:
+            out.append(_failed(o.error, wall))
+            continue
+        rec = records[i]
+        rec["history"] = o.result.history
+        rec["wall_time_s"] = wall
+        out.append(_jsonable(rec))
+    return out
+
+
+def _chunked(ok: list[int], models, budget: int, fn, lanczos: bool = False) -> list:
+    """Apply a batched measure to the members ``ok`` in chunks that fit ``budget`` bytes
+    (float64 parameters x a few copies, or the Lanczos basis of up to 300 vectors).
+    """
+    p = sum(q.numel() for q in models[ok[0]].parameters())
+    per = 8 * p * (min(300, p) + 8 if lanczos else 16)
+    size = max(1, budget // per)
+    out: list = []
+    for s in range(0, len(ok), size):
+        idx = ok[s : s + size]
+        r = fn(idx)
+        out += list(zip(r.value, r.n_steps, strict=True)) if hasattr(r, "value") else list(r)
+    return out
