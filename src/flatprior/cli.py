@@ -209,8 +209,10 @@ def run_cmd(
     progress: Annotated[bool, typer.Option(help="show the progress bar")] = True,
     run_fn: Annotated[str | None, typer.Option(hidden=True, help="module:function")] = None,
     ensemble: Annotated[
-        str, typer.Option(help="auto: train compatible runs together as ensembles | off")
-    ] = "auto",
+        str, typer.Option(help="off: one task per run | auto: train compatible runs together "
+                          "as ensembles (much faster for Boolean sweeps; float32 results then "
+                          "differ from the per-run path after long training)")
+    ] = "off",
 ) -> None:
     """Run an experiment spec (resumable: finished runs in --out are skipped)."""
     from flatprior.experiments.runner import import_run_fn, preflight, run_sweep
