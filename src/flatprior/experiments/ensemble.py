@@ -1,5 +1,6 @@
-"""Run compatible runs of a sweep as one ensemble: train together, measure together, one record
-each, with the same fields as :func:`flatprior.pipeline.run`.
+"""Run compatible runs of a sweep as one ensemble: train together, measure together.
+
+One record each, with the same fields as :func:`flatprior.pipeline.run`.
 
 Runs are compatible when their configs differ only in :data:`MEMBER_FIELDS` (seed, data seed,
 sizes of S/A/E, Boolean target): one architecture, dataset and optimizer configuration. A run
@@ -37,7 +38,9 @@ DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 
 
 def why_not_ensemble(cfg) -> str | None:
-    """``None`` if the run (a :class:`flatprior.pipeline.RunConfig`) can be an ensemble member,
+    """Why a run cannot be an ensemble member, or ``None`` if it can.
+
+    ``None`` if the run (a :class:`flatprior.pipeline.RunConfig`) can be an ensemble member,
     else the reason it takes the per-run path.
     """
     from flatprior.train.ensemble import STACKABLE
@@ -70,9 +73,10 @@ def group_key(cfg) -> str | None:
 
 def plan(todo: list[tuple[str, Any]], parallel: int, max_size: int = DEFAULT_ENSEMBLE_SIZE,
          ) -> list[list[tuple[str, Any]]]:
-    """Cut ``todo`` (``(key, RunConfig)`` pairs) into work items: ensembles of compatible runs
-    (at most ``max_size`` members, and split so ``parallel`` workers all get one), and single
-    runs. Order within a group follows ``todo``.
+    """Cut ``todo`` (``(key, RunConfig)`` pairs) into work items.
+
+    Work items are ensembles of compatible runs (at most ``max_size`` members, and split so
+    ``parallel`` workers all get one), and single runs. Order within a group follows ``todo``.
     """
     groups: dict[str, list] = defaultdict(list)
     items: list[list] = []
@@ -124,8 +128,9 @@ def _task_signature(cfg) -> tuple:
 
 def run_ensemble(cfgs: list[dict[str, Any]], *, memory_budget: int = DEFAULT_MEMORY_BUDGET
                  ) -> list[dict[str, Any]]:
-    """Execute compatible runs together; one record per config, in order (failed members get a
-    ``failed`` record with the error the per-run path would raise).
+    """Execute compatible runs together; one record per config, in order.
+
+    Failed members get a ``failed`` record with the error the per-run path would raise.
     """
     import torch
 
@@ -245,8 +250,10 @@ def run_ensemble(cfgs: list[dict[str, Any]], *, memory_budget: int = DEFAULT_MEM
 
 
 def _chunked(ok: list[int], models, budget: int, fn, lanczos: bool = False) -> list:
-    """Apply a batched measure to the members ``ok`` in chunks that fit ``budget`` bytes
-    (float64 parameters x a few copies, or the Lanczos basis of up to 300 vectors).
+    """Apply a batched measure to the members ``ok`` in chunks that fit ``budget`` bytes.
+
+    The size estimate: float64 parameters x a few copies, or the Lanczos basis of up to 300
+    vectors.
     """
     p = sum(q.numel() for q in models[ok[0]].parameters())
     per = 8 * p * (min(300, p) + 8 if lanczos else 16)

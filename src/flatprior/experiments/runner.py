@@ -6,7 +6,7 @@ skipped (``--retry-failed`` re-runs the ``failed`` ones), so a killed sweep resu
 stopped. A run that raises is recorded with ``status = "failed"`` and its error text; the sweep
 goes on.
 
-With ``ensemble="auto"`` (the default) and the default run function, compatible runs (same
+With ``ensemble="auto"`` (default ``"off"``) and the default run function, compatible runs (same
 architecture, dataset and optimizer settings, differing in seed/sizes; see
 :mod:`flatprior.experiments.ensemble`) are trained and measured together as one work item (one
 process task or one Dask task) and stored together in one transaction, so a killed ensemble
@@ -110,8 +110,10 @@ def execute(run_fn: RunFn, cfg: dict[str, Any], single_thread: bool = False) -> 
 
 def execute_item(run_fn: RunFn, cfgs: list[dict[str, Any]], single_thread: bool = False,
                  ensemble: bool = False) -> list[dict[str, Any]]:
-    """One work item in a worker: one run (``run_fn``) or, with ``ensemble``, compatible runs
-    as one ensemble (:func:`flatprior.experiments.ensemble.execute_ensemble`); never raises.
+    """Execute one work item in a worker; never raises.
+
+    One run (``run_fn``) or, with ``ensemble``, compatible runs as one ensemble
+    (:func:`flatprior.experiments.ensemble.execute_ensemble`).
     """
     if not ensemble:
         return [execute(run_fn, c, single_thread) for c in cfgs]
@@ -216,7 +218,7 @@ def run_sweep(
     console=None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
     connect_timeout: float = 20.0,
-    ensemble: str = "auto",
+    ensemble: str = "off",
 ) -> SweepSummary:
     """Run every configuration not yet in ``store`` and store each record as it arrives.
 

@@ -160,8 +160,9 @@ class Store:
         self.put_many([record], spec)
 
     def put_many(self, records: Iterable[dict[str, Any]], spec: str | None = None) -> None:
-        """Insert or replace run records, all in ONE transaction (an ensemble's members are
-        stored together or not at all).
+        """Insert or replace run records, all in ONE transaction.
+
+        An ensemble's members are stored together or not at all.
         """
         rows = []
         for record in records:

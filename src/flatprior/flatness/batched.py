@@ -40,7 +40,9 @@ from flatprior.models.stacked import (
 
 @dataclass
 class _Stack:
-    """Flat stacked parameters ``w0 [M, p]`` of the members, their data padded to ``[M, n, ...]``
+    """Stacked members: flat parameters, padded data with a row mask, and the stacked forward.
+
+    Flat stacked parameters ``w0 [M, p]`` of the members, their data padded to ``[M, n, ...]``
     with a row mask, and the stacked forward.
     """
 
@@ -91,8 +93,10 @@ def _stack(models: Sequence[nn.Module], inputs, targets, dtype, backend: str) ->
 
 
 def _full_loss(st: _Stack, theta: Tensor, eval_bs: int | None) -> list[float]:
-    """Each member's mean loss over its whole set, summed over eval batches exactly as
-    :meth:`flatprior.flatness.keskar._Problem.full_loss` does (``sum_b n_b L_b / N``).
+    """Each member's mean loss over its whole set, summed over eval batches.
+
+    Summed exactly as :meth:`flatprior.flatness.keskar._Problem.full_loss` does
+    (``sum_b n_b L_b / N``).
     """
     with torch.no_grad():
         rows = torch.cat([st.row_losses(theta, st.x[:, sl], st.y[:, sl])
@@ -117,8 +121,9 @@ def _full_loss(st: _Stack, theta: Tensor, eval_bs: int | None) -> list[float]:
 
 @dataclass
 class BatchedSharpness:
-    """Per-member results: ``value`` (Keskar sharpness), ``max_loss``, ``base_loss``, ``n_steps``
-    (epochs run) as lists of length M.
+    """Per-member results of :func:`batched_keskar_sharpness`, as lists of length M.
+
+    ``value`` (Keskar sharpness), ``max_loss``, ``base_loss``, ``n_steps`` (epochs run).
     """
 
     value: list[float]
@@ -143,15 +148,25 @@ def batched_keskar_sharpness(
     seeds: Sequence[int] | int = 0,
     backend: str = "auto",
 ) -> BatchedSharpness:
-    """Keskar sharpness ``100 (max_{delta in C_eps} L(w + delta) - L(w)) / (1 + L(w))`` of every
-    member by projected SGD ascent (the ``method="sgd"`` of :func:`keskar_sharpness`, full
-    parameter space, BCE-with-logits mean loss, eval mode).
+    """Keskar sharpness of every member by projected SGD ascent.
+
+    ``100 (max_{delta in C_eps} L(w + delta) - L(w)) / (1 + L(w))`` of every member by projected
+    SGD ascent (the ``method="sgd"`` of :func:`keskar_sharpness`, full parameter space,
+    BCE-with-logits mean loss, eval mode). ``eps``, ``lr``, ``batch_size``, ``epochs``,
+    ``patience``, ``tol``, ``eval_batch_size``, ``dtype``: as in :func:`keskar_sharpness`.
 
     Args:
         models: M one-logit networks of one architecture (left unchanged).
-        inputs, targets: one set for all members, or one ``[N_m, ...]`` / ``[N_m]`` per member.
-        eps, lr, batch_size, epochs, patience, tol, eval_batch_size, dtype: as in
-            :func:`keskar_sharpness`.
+        inputs: one ``[N, ...]`` set for all members, or one ``[N_m, ...]`` per member.
+        targets: one ``[N]`` set of 0/1 targets for all members, or one ``[N_m]`` per member.
+        eps: box size ``> 0`` (relative to ``|w| + 1`` per parameter).
+        lr: SGD ascent step size.
+        batch_size: SGD ascent minibatch size; the last, smaller batch is used too.
+        epochs: maximum number of SGD ascent epochs.
+        patience: stop a member after this many consecutive epochs without a significant gain.
+        tol: relative change of the running max counted as "no change".
+        eval_batch_size: chunk size for full-set evaluations (memory only, not the value).
+        dtype: compute dtype of the stacked parameters and data (default float64).
         seeds: per-member seeds of the minibatch order (or one for all).
         backend: stacked forward (:mod:`flatprior.models.stacked`).
     """

@@ -36,6 +36,7 @@ StackedForward = Callable[[Sequence[Tensor], Tensor], Tensor]
 
 
 def check_stackable_model(model: nn.Module) -> None:
+    """Raise :class:`FlatpriorError` if ``model`` has BatchNorm or Dropout (cannot be stacked)."""
     if any(isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout)) for m in model.modules()):
         raise FlatpriorError(
             "BatchNorm/Dropout models cannot be stacked; use --ensemble off (one network per run)"
@@ -43,6 +44,7 @@ def check_stackable_model(model: nn.Module) -> None:
 
 
 def resolve_backend(model: nn.Module, backend: str) -> str:
+    """Validate ``backend`` for ``model`` and resolve ``"auto"`` (``"bmm"`` for FCNs, else vmap)."""
     check_choice("ensemble backend", backend, BACKENDS)
     if backend == "auto":
         return "bmm" if isinstance(model, FCN) else "vmap"
@@ -52,6 +54,7 @@ def resolve_backend(model: nn.Module, backend: str) -> str:
 
 
 def check_same_architecture(models: Sequence[nn.Module]) -> None:
+    """Raise :class:`FlatpriorError` unless all ``models`` share one type and parameter layout."""
     sig = [(n, tuple(p.shape), p.dtype) for n, p in models[0].named_parameters()]
     for i, mod in enumerate(models):
         if type(mod) is not type(models[0]) or [
@@ -86,8 +89,10 @@ def fcn_forward(params: Sequence[Tensor], x: Tensor) -> Tensor:
 
 
 def fcn_forward_shared(params: Sequence[Tensor], x: Tensor) -> Tensor:
-    """:func:`fcn_forward` for inputs ``x [n, ...]`` that every member sees: the first layer is
-    one ``[n, d] x [d, M * width]`` matmul (no ``[M, n, d]`` copy of the inputs).
+    """:func:`fcn_forward` for inputs ``x [n, ...]`` that every member sees.
+
+    The first layer is one ``[n, d] x [d, M * width]`` matmul (no ``[M, n, d]`` copy of the
+    inputs).
     """
     w1, b1 = params[0], params[1]
     m, width = w1.shape[0], w1.shape[1]
@@ -102,9 +107,11 @@ def fcn_forward_shared(params: Sequence[Tensor], x: Tensor) -> Tensor:
 
 
 def fcn_forward_loop(params: Sequence[Tensor], x: Tensor) -> Tensor:
-    """Like :func:`fcn_forward`, member by member with ``F.linear`` on slices of the stacked
-    parameters: the very kernels (``addmm``) a single :class:`~flatprior.models.FCN` runs, so a
-    member's logits and gradients are bitwise those of the single network on the same batch.
+    """Like :func:`fcn_forward`, member by member with ``F.linear``.
+
+    ``F.linear`` on slices of the stacked parameters: the very kernels (``addmm``) a single
+    :class:`~flatprior.models.FCN` runs, so a member's logits and gradients are bitwise those of
+    the single network on the same batch.
     """
     n_layers = len(params) // 2
     outs = []
@@ -119,8 +126,9 @@ def fcn_forward_loop(params: Sequence[Tensor], x: Tensor) -> Tensor:
 
 
 def stacked_forward(model: nn.Module, backend: str = "auto") -> StackedForward:
-    """The batched forward ``(params, x[M, B, ...]) -> logits[M, B]`` for ``model``'s
-    architecture (``model`` itself is only used as the template; its weights are ignored).
+    """The batched forward ``(params, x[M, B, ...]) -> logits[M, B]`` for ``model``'s architecture.
+
+    ``model`` itself is only used as the template; its weights are ignored.
     """
     check_stackable_model(model)
     backend = resolve_backend(model, backend)

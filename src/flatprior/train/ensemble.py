@@ -271,8 +271,9 @@ class _StackedOptimizer:
 
 def _member_losses(params: list[Tensor], x_all: Tensor, y_all: Tensor, idx: Tensor,
                    counts: Tensor | None, reduction: str) -> Tensor:
-    """Each member's batch loss exactly as :func:`flatprior.train.train` computes it (its own
-    ``Linear`` kernels and ``BCEWithLogitsLoss`` on its valid rows only): the ``"loop"``
+    """Each member's batch loss exactly as :func:`flatprior.train.train` computes it.
+
+    Its own ``Linear`` kernels and ``BCEWithLogitsLoss`` on its valid rows only: the ``"loop"``
     backend's bitwise-faithful path.
     """
     n_layers = len(params) // 2
@@ -343,8 +344,10 @@ def _pad_rows(rows: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
 # ------------------------------------------------------------------------------ public API
 @dataclass
 class EnsembleOutcome:
-    """Per-member outcome of :func:`train_ensemble`: ``result`` or, if its loss became NaN/inf
-    (where :func:`flatprior.train.train` raises), ``error`` with the same one-line message.
+    """Per-member outcome of :func:`train_ensemble`: ``result`` or ``error``.
+
+    ``result`` or, if its loss became NaN/inf (where :func:`flatprior.train.train` raises),
+    ``error`` with the same one-line message.
     """
 
     result: TrainResult | None
@@ -354,8 +357,10 @@ class EnsembleOutcome:
 def stacked_memory_per_member(
     model: nn.Module, task: Task, config: TrainConfig, n_state: int | None = None
 ) -> int:
-    """Bytes one member needs in the ensemble (parameters, gradient, optimizer state, update
-    temporaries, training and evaluation activations; element size of the model's dtype).
+    """Bytes one member needs in the ensemble.
+
+    Counts parameters, gradient, optimizer state, update temporaries, training and evaluation
+    activations; element size of the model's dtype.
     """
     p = sum(q.numel() for q in model.parameters())
     if n_state is None:
