@@ -318,14 +318,13 @@ def demo(
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except FlatpriorError as exc:
         # escape: messages hold shapes like "[n, 28, 28]" that rich would take as markup
         err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
-        err.print("aborted")
-        sys.exit(130)
+        _aborted()
     except Exception as exc:  # click usage errors (bad option, bad value, unknown command)
         # typer >= 0.16 vendors click as ``typer._click``: its exceptions are not
         # ``click.ClickException``, so recognise them by their interface instead of their class.
@@ -340,6 +339,21 @@ def main() -> None:
                 f"[red]error:[/] {escape(line)}; see --help", highlight=False, soft_wrap=True
             )
         sys.exit(exc.exit_code)
+    # typer turns a KeyboardInterrupt inside a command into exit code 130, which
+    # standalone_mode=False returns instead of exiting with it
+    if code == ABORTED:
+        _aborted()
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+#: exit status of a run stopped by Ctrl-C (128 + SIGINT), as shells report it
+ABORTED = 130
+
+
+def _aborted() -> None:
+    err.print("aborted (finished runs are stored; re-run to resume)", highlight=False)
+    sys.exit(ABORTED)
 
 
 if __name__ == "__main__":

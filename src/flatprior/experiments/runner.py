@@ -78,6 +78,43 @@ def _single_thread() -> None:
         torch.set_num_threads(1)
 
 
+def _watch_parent(parent_pid: int, interval: float = 0.5) -> None:
+    """Exit this worker as soon as ``parent_pid`` is gone (runs in a daemon thread)."""
+    while True:
+        if os.getppid() != parent_pid:  # re-parented: the sweep's process died
+            os._exit(1)
+        time.sleep(interval)
+
+
+def _worker_init(parent_pid: int) -> None:
+    """Initializer of the local worker processes.
+
+    * one BLAS/torch thread (:func:`_single_thread`);
+    * SIGINT ignored: Ctrl-C reaches the whole process group, and the parent alone stops the
+      sweep (it terminates the workers; finished runs are already stored);
+    * die with the parent: a parent killed with SIGKILL cannot shut the pool down, and idle
+      workers would wait on their task queue forever (each holds torch, ~0.5 GB). On Linux the
+      kernel sends SIGKILL when the parent exits (``prctl(PR_SET_PDEATHSIG)``); a thread that
+      polls the parent id covers other systems and the race where the parent died before
+      ``prctl`` ran.
+    """
+    import signal
+    import threading
+
+    _single_thread()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # no prctl: the watchdog thread alone
+            pass
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True,
+                     name="flatprior-parent-watchdog").start()
+
+
 def execute(run_fn: RunFn, cfg: dict[str, Any], single_thread: bool = False) -> dict[str, Any]:
     """Run one config in a worker; never raises: an exception becomes a ``failed`` record."""
     if single_thread:
@@ -266,7 +303,8 @@ def _run_pool(todo, run_fn: RunFn, n: int, take) -> None:
     from concurrent.futures.process import BrokenProcessPool
 
     # spawn, not fork: the parent may hold torch/BLAS thread pools that do not survive a fork
-    pool = ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"), initializer=_single_thread)
+    pool = ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                               initargs=(os.getpid(),))
     try:
         futs = {pool.submit(execute, run_fn, cfg, True): (key, cfg) for key, cfg in todo}
         for fut in as_completed(futs):
@@ -279,8 +317,13 @@ def _run_pool(todo, run_fn: RunFn, n: int, take) -> None:
                     "re-run the same command to resume (try fewer --workers)"
                 ) from None
             take(key, cfg, rec)
-    except BaseException:
+    except BaseException:  # Ctrl-C, a store that cannot be written, ...
+        # running tasks would otherwise finish first (and the interpreter waits for them at
+        # exit): stop the workers now; the finished runs are stored already
+        workers = list((getattr(pool, "_processes", None) or {}).values())
         pool.shutdown(wait=False, cancel_futures=True)
+        for proc in workers:
+            proc.terminate()
         raise
     pool.shutdown(wait=True)
 
