@@ -24,6 +24,10 @@ err = Console(stderr=True)
 out = Console()
 
 
+#: console width when stdout is not a terminal: wide enough that no line is ever wrapped
+_PIPE_WIDTH = 10_000
+
+
 def _measures(value: str) -> tuple[str, ...]:
     return tuple(m.strip() for m in value.split(",") if m.strip()) if value != "none" else ()
 
@@ -105,11 +109,25 @@ def train(
         prior_method=prior_method,
         fam_strength=fam_strength,
     )
+    if save_model is not None:  # before training: a late failure would cost the whole run
+        from flatprior.checkpoint import check_writable_file
+
+        check_writable_file(save_model)
     prog, update = _epoch_progress(max_epochs)
-    with prog:
-        rec = run(cfg, progress=update, save_model=str(save_model) if save_model else None)
+    try:
+        with prog:
+            rec = run(cfg, progress=update, save_model=str(save_model) if save_model else None)
+    except FlatpriorError as exc:
+        if getattr(exc, "record", None) is None:
+            raise
+        _print_record(exc.record, history, json_out)  # the save failed: show the run, then why
+        raise
+    _print_record(rec, history, json_out)
+
+
+def _print_record(rec: dict, history: bool, json_out: bool) -> None:
     if not history:
-        rec.pop("history")
+        rec.pop("history", None)
     if json_out:
         print(json.dumps(rec))
         return
@@ -119,6 +137,9 @@ def train(
     for k, v in rec.items():
         if k in ("config", "versions", "history", "notes"):
             continue
+        if v is None:  # not measured: say why where we know
+            v = "n/a (no test set: --n-test 0)" if k == "test_error" and not rec.get(
+                "n_test") else "n/a"
         table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
     out.print(table)
     for note in rec["notes"]:
@@ -139,7 +160,7 @@ def _print_correlations(table, title: str) -> None:
                      no_wrap=True)
     for _, r in w.iterrows():
         t.add_row(*[str(v) for v in r])
-    (out if out.is_terminal else Console(width=200)).print(t)  # pipes/files: no wrapped numbers
+    (out if out.is_terminal else Console(width=_PIPE_WIDTH)).print(t)  # pipes: no wrapping
 
 
 def _resolve_cli(spec, variant, preset, sets, config, data_root):
@@ -215,15 +236,18 @@ def list_cmd(
     """List the experiment specs (what each reproduces, runs per preset, what it needs)."""
     from flatprior.experiments.specs import PRESETS, list_specs, load_spec, resolve
 
+    # the terminal's width only on a terminal: a pipe or file gets whole lines (rich would
+    # squeeze to 80 columns and split words)
+    con = out if out.is_terminal else Console(width=_PIPE_WIDTH)
     if spec is not None:
         s = load_spec(spec)
-        out.print(f"[bold]{s.name}[/]: {s.title}\nreproduces: {s.reproduces}\n{s.description}")
+        con.print(f"[bold]{s.name}[/]: {s.title}\nreproduces: {s.reproduces}\n{s.description}")
         for v in list(s.variants) or [None]:
             for p in PRESETS:
                 r = resolve(s, p, v, build=False)
-                out.print(f"\n[bold]{r.label}[/] ({r.n_runs} runs)"
+                con.print(f"\n[bold]{r.label}[/] ({r.n_runs} runs)"
                           + (f"  needs: {r.needs}" if r.needs else ""))
-                out.print(json.dumps({"base": r.base, "sweep": r.sweep}, default=str))
+                con.print(json.dumps({"base": r.base, "sweep": r.sweep}, default=str))
         return
     t = Table(title="flatprior experiment specs  (flatprior run NAME [VARIANT] --preset P)")
     for col in ("name", "variants", "reproduces", "quick runs", "paper runs", "needs"):
@@ -236,7 +260,7 @@ def list_cmd(
             first = v in (None, next(iter(s.variants), None))
             t.add_row(name if first else "", v or "", s.reproduces if first else "",
                       str(n["quick"]), str(n["paper"]), needs)
-    out.print(t)
+    con.print(t)
 
 
 @app.command("report")
@@ -260,6 +284,11 @@ def report_cmd(
     if n_boot < 0:
         raise FlatpriorError(f"--n-boot must be >= 0, got {n_boot}")
     path, sections = write_report(db, out_html, n_boot=n_boot, boolean_samples=boolean_samples)
+    unreadable = sorted({k for s in sections for k in s.unreadable})
+    if unreadable:
+        err.print(f"[yellow]warning:[/] {len(unreadable)} stored record(s) unreadable (invalid "
+                  f"JSON), left out of the report: {', '.join(unreadable[:5])}"
+                  + (" …" if len(unreadable) > 5 else ""), highlight=False, soft_wrap=True)
     if not quiet:
         for s in sections:
             what = ("flatness vs log P(f) of the functions SGD found"
@@ -273,6 +302,44 @@ def report_cmd(
             store.export(export)
         err.print(f"runs written to {export}")
     err.print(f"report written to {path}")
+
+
+@app.command()
+def download(
+    dataset: Annotated[str, typer.Argument(help="mnist")],
+    data_root: Annotated[
+        Path | None, typer.Option(help="folder to put the files in (default $FLATPRIOR_DATA)")
+    ] = None,
+    parts: Annotated[str, typer.Option(help="train,test | test (the two t10k files)")] = (
+        "train,test"
+    ),
+    mirror: Annotated[
+        str | None,
+        typer.Option(help="base URL of a mirror (default: $FLATPRIOR_MNIST_MIRROR, else the "
+                          "public mirrors)"),
+    ] = None,
+) -> None:
+    """Download a data set's files with md5 checks (files already present are kept)."""
+    import os
+
+    from flatprior.data.mnist import FILES, _find, download_mnist
+    from flatprior.errors import check_choice
+
+    check_choice("dataset to download", dataset, ["mnist"])
+    wanted = tuple(p.strip() for p in parts.split(",") if p.strip())
+    for p in wanted:
+        check_choice("--parts entry", p, ["train", "test"])
+    if not wanted:
+        raise FlatpriorError("--parts is empty; use train,test or test")
+    root = Path(data_root or os.environ.get("FLATPRIOR_DATA", "~/.cache/flatprior")).expanduser()
+    got = download_mnist(root, wanted, mirrors=(mirror,) if mirror else None)
+    for f in got:
+        err.print(f"downloaded {f} (md5 ok)", highlight=False, soft_wrap=True)
+    for key, (stem, _) in FILES.items():
+        if key.split("-")[0] in wanted and (p := _find(root, stem)) not in got:
+            err.print(f"already present: {p}", highlight=False, soft_wrap=True)
+    err.print(f"MNIST ({', '.join(wanted)}) ready in {root}; use --data-root {root}",
+              highlight=False, soft_wrap=True)
 
 
 @app.command()

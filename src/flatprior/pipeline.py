@@ -41,7 +41,9 @@ class RunConfig(BaseModel):
     n_attack: int = Field(0, ge=0)
     n_test: int | None = Field(1000, ge=0)
     boolean_target: str | None = None
-    data_seed: int | None = Field(None, ge=0)  # None: use ``seed``
+    # seeds up to 2^32 - 1: what every RNG used here accepts (torch fails above 2^64 - 1,
+    # numpy's legacy RandomState and scikit-learn above 2^32 - 1)
+    data_seed: int | None = Field(None, ge=0, le=2**32 - 1)  # None: use ``seed``
     # model
     model: str = "fcn"
     hidden: tuple[Annotated[int, Field(ge=1)], ...] = (40, 40)
@@ -49,7 +51,7 @@ class RunConfig(BaseModel):
     sigma_w2: float = Field(2.0, gt=0)
     sigma_b: float = Field(1.0, ge=0)
     # training
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     optimizer: str = "sgd"
     lr: float | None = Field(None, gt=0)
     batch_size: int = Field(128, ge=1)
@@ -85,7 +87,7 @@ class RunConfig(BaseModel):
         bad = [m for m in v if m not in MEASURES]
         if bad:
             raise ValueError(f"unknown measure(s) {bad}; choose from {list(MEASURES)}")
-        return tuple(v)
+        return canonical_measures(v)
 
     @field_validator("dataset")
     @classmethod
@@ -115,10 +117,39 @@ class RunConfig(BaseModel):
         return v
 
     def key(self) -> str:
-        """16-hex-digit hash of the config (without paths): the run's identity in a store."""
-        d = self.model_dump(mode="json", exclude=set(NON_KEY_FIELDS))
-        blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        """16-hex-digit hash of the config (without paths): the run's identity in a store.
+
+        Measure lists enter in canonical form (:func:`canonical_measures`), so
+        ``measures=log_prior,sharpness``, ``sharpness,log_prior`` and ``sharpness,sharpness,
+        log_prior`` are one run with one key.
+
+        Migration: before this rule (flatprior 0.x stores written before issue #17) the key
+        hashed the lists as typed. Configs whose lists were already in canonical order (all
+        shipped specs, all defaults) keep their keys; a run stored under a list in another order
+        or with a repeated name is run once more by the next sweep (stored under the new key),
+        and reports count the two records as one run (:func:`config_key` of the stored config).
+        """
+        return config_key(self.model_dump(mode="json"))
+
+
+def canonical_measures(names) -> tuple[str, ...]:
+    """Measure names de-duplicated and sorted in the order of :data:`MEASURES` (flatness
+    measures first, then the prior ones), the order every spec and default already uses; unknown
+    names sort last, alphabetically."""
+    rank = {m: i for i, m in enumerate(MEASURES)}
+    return tuple(sorted(set(names), key=lambda m: (rank.get(m, len(rank)), m)))
+
+
+def config_key(config: dict[str, Any]) -> str:
+    """:meth:`RunConfig.key` of a config dict (``model_dump(mode="json")`` of a RunConfig, e.g. a
+    stored record's ``config``): sha256 of its sorted JSON without :data:`NON_KEY_FIELDS`, measure
+    lists in canonical form; the first 16 hex digits."""
+    d = {k: v for k, v in config.items() if k not in NON_KEY_FIELDS}
+    for name in ("measures", "epoch_measures"):
+        if isinstance(d.get(name), (list, tuple)):
+            d[name] = list(canonical_measures(d[name]))
+    blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def make_config(**fields: Any) -> RunConfig:
@@ -381,7 +412,11 @@ def run(
         from flatprior.checkpoint import save_checkpoint
 
         path = Path(save_model).expanduser()
-        save_checkpoint(model, path.name, config=record["config"], out_dir=path.parent)
+        try:
+            save_checkpoint(model, path.name, config=record["config"], out_dir=path.parent)
+        except FlatpriorError as exc:
+            exc.record = record  # the measured run is not lost: callers can still report it
+            raise
         record["model_path"] = str(path)
     return record
 

@@ -48,10 +48,24 @@ class SweepSummary:
 
 
 def default_run_fn(cfg: dict[str, Any]) -> dict[str, Any]:
-    """:func:`flatprior.pipeline.run` (imported lazily, so workers import torch only here)."""
+    """:func:`flatprior.pipeline.run` with one torch thread (imported lazily, so workers import
+    torch only here).
+
+    Seeded runs are bit-identical at a fixed torch thread count only (intra-op parallel
+    reductions sum in another order with more threads). Every sweep run uses one thread, in a
+    worker process or in this one (``--workers 1``), so a sweep's records do not depend on
+    ``--workers``, the machine's cores or ``OMP_NUM_THREADS``.
+    """
+    import torch
+
     from flatprior.pipeline import run
 
-    return run(cfg)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run(cfg)
+    finally:
+        torch.set_num_threads(before)
 
 
 def import_run_fn(path: str) -> RunFn:
@@ -166,7 +180,9 @@ def preflight(configs: Sequence) -> None:
 
     seen = set()
     for cfg in configs:
-        if "log_prior" in (*cfg.measures, *cfg.epoch_measures) and cfg.kernel == "arccos":
+        # epoch_measures count only when they are measured (measure_every > 0)
+        per_epoch = cfg.epoch_measures if cfg.measure_every else ()
+        if "log_prior" in (*cfg.measures, *per_epoch) and cfg.kernel == "arccos":
             if cfg.model != "fcn":
                 raise FlatpriorError(
                     f"log_prior with the arc-cosine kernel needs model='fcn', not {cfg.model!r}; "

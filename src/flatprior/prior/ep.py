@@ -36,7 +36,7 @@ from scipy.linalg import lapack, solve_triangular
 from scipy.special import erfcx, log_ndtr
 
 from flatprior.errors import FlatpriorError, check_choice, check_positive
-from flatprior.prior._validate import as_kernel_and_signs
+from flatprior.prior._validate import as_kernel_and_signs, check_psd
 
 __all__ = ["EPResult", "log_prior_ep", "log_prior_probit", "heaviside_tilted_moments"]
 
@@ -506,6 +506,7 @@ def log_prior_ep(
             labels, or correlation ``-1`` and equal labels (named in the message).
     """
     K, ysign = as_kernel_and_signs(K, y)  # private float64 copy
+    check_psd(K)
     check_choice("EP likelihood", likelihood, ["heaviside", "probit"])
     check_positive("tol", tol)
     if tol_log_prob is not None:

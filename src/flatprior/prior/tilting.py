@@ -68,7 +68,7 @@ from scipy.linalg.blas import dsyrk
 from scipy.special import log_ndtr, logsumexp, ndtri, ndtri_exp
 
 from flatprior.errors import FlatpriorError, check_choice, check_positive
-from flatprior.prior._validate import as_kernel_and_signs
+from flatprior.prior._validate import as_kernel_and_signs, check_psd
 
 __all__ = ["TiltingResult", "TiltingConvergenceWarning", "log_prior_tilting"]
 
@@ -621,6 +621,7 @@ def log_prior_tilting(
     """
     t0 = time.perf_counter()
     Kn, ys = as_kernel_and_signs(K, y)
+    check_psd(Kn)
     proposal = check_choice("tilting proposal", proposal, _PROPOSALS)
     _check_int("n_samples", n_samples, 2)
     _check_int("max_samples", max_samples, 2)
