@@ -86,6 +86,7 @@ def test_report_counts_a_run_stored_under_two_keys_once(tmp_path):
     from flatprior.analysis.report import analyse_spec
     from flatprior.experiments.specs import resolve
     from flatprior.experiments.store import Store
+    from flatprior.pipeline import config_key
 
     cfgs = resolve("fig3", "quick", "mnist-fcn", {"seed": list(range(4))}).configs
     with Store(tmp_path / "old.db") as st:
@@ -95,7 +96,9 @@ def test_report_counts_a_run_stored_under_two_keys_once(tmp_path):
             st.put({**rec, "key": cfg.key()}, "spec")
             # the same config as typed in another order, stored under the old, different key
             swapped = {**d, "measures": list(reversed(d["measures"]))}
-            st.put({**rec, "config": swapped, "key": "old-" + cfg.key()[:12]}, "spec")
+            old_key = config_key(swapped, canonical=False)  # the key recipe before #17
+            assert old_key != cfg.key()
+            st.put({**rec, "config": swapped, "key": old_key}, "spec")
         assert st.count() == 2 * len(cfgs)
         frame = st.to_frame(spec="spec")
         assert len(frame) == len(cfgs)
@@ -210,9 +213,8 @@ def test_psd_tolerance_scales_with_n_and_the_kernel_scale():
 
 def test_psd_check_on_a_duplicated_input_arccos_kernel():
     """Exact duplicates make the arc-cosine kernel singular; rounding leaves its smallest
-    eigenvalue slightly negative (measured: -1.2e-13 of the scale at n = 2000 on MNIST). It
-    must pass, and EP must give the same log P as for the kernel with the duplicates merged
-    away... here: simply a finite, converged value."""
+    eigenvalue slightly negative (measured: -1.2e-13 of the scale at n = 2000 on MNIST). The
+    check must pass it, and EP (duplicates with equal labels) must converge to a finite value."""
     import torch
 
     from flatprior.prior import arccos_kernel, log_prior_ep

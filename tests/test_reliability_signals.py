@@ -66,7 +66,8 @@ def _rows(db: Path) -> int:
 
 
 def _run_cmd(db: Path, workers: int) -> list[str]:
-    return [sys.executable, "-m", "flatprior.cli", "run", "fig3", "--set", "seed=[0,1,2,3,4,5,6,7]", "--set", "n_attack=0",
+    return [sys.executable, "-m", "flatprior.cli", "run", "fig3",
+            "--set", "seed=[0,1,2,3,4,5,6,7]", "--set", "n_attack=0",
             "--run-fn", "_fake_runs:slow_run", "--workers", str(workers), "--out", str(db),
             "--no-progress"]
 

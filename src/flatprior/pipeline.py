@@ -140,13 +140,14 @@ def canonical_measures(names) -> tuple[str, ...]:
     return tuple(sorted(set(names), key=lambda m: (rank.get(m, len(rank)), m)))
 
 
-def config_key(config: dict[str, Any]) -> str:
+def config_key(config: dict[str, Any], *, canonical: bool = True) -> str:
     """:meth:`RunConfig.key` of a config dict (``model_dump(mode="json")`` of a RunConfig, e.g. a
     stored record's ``config``): sha256 of its sorted JSON without :data:`NON_KEY_FIELDS`, measure
-    lists in canonical form; the first 16 hex digits."""
+    lists in canonical form; the first 16 hex digits. ``canonical=False``: the lists as they
+    are (the key recipe of stores written before issue #17)."""
     d = {k: v for k, v in config.items() if k not in NON_KEY_FIELDS}
     for name in ("measures", "epoch_measures"):
-        if isinstance(d.get(name), (list, tuple)):
+        if canonical and isinstance(d.get(name), (list, tuple)):
             d[name] = list(canonical_measures(d[name]))
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -95,7 +95,9 @@ def download_mnist(
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise FlatpriorError(f"cannot create {root} ({exc.strerror}); choose another folder") from None
+        raise FlatpriorError(
+            f"cannot create {root} ({exc.strerror}); choose another folder"
+        ) from None
     fetched: list[Path] = []
     for key, (stem, md5) in FILES.items():
         if key.split("-")[0] not in parts or _find(root, stem):

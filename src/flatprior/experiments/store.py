@@ -267,8 +267,10 @@ class Store:
         per distinct run.
 
         Records of the same run stored under two keys (stores written before measure lists were
-        made canonical, see :meth:`flatprior.pipeline.RunConfig.key`) are one run: the latest
-        record of each :func:`flatprior.pipeline.config_key` is kept, so ``n`` counts runs.
+        made canonical, see :meth:`flatprior.pipeline.RunConfig.key`) are one run: a record
+        whose key was hashed from its config (old or new recipe) is identified by the canonical
+        :func:`flatprior.pipeline.config_key`, and the latest record of each run is kept, so
+        ``n`` counts runs. Records with keys of their own (custom run functions) stay distinct.
         """
         import pandas as pd
 
@@ -276,8 +278,12 @@ class Store:
 
         latest: dict[str, dict[str, Any]] = {}
         for r in self.records(spec, status):  # ordered by time: a later record replaces
-            cfg = r.get("config")
-            latest[config_key(cfg) if isinstance(cfg, dict) else str(r.get("key"))] = r
+            cfg, key = r.get("config"), str(r.get("key"))
+            if isinstance(cfg, dict):
+                canonical = config_key(cfg)
+                if key in (canonical, config_key(cfg, canonical=False)):
+                    key = canonical
+            latest[key] = r
         rows = [flatten_record(r) for r in latest.values()]
         if spec is not None:
             for r in rows:
