@@ -88,8 +88,11 @@ def test_sigint_during_train_exits_130_with_message():
          "--max-epochs", "100000", "--measures", "none", "--lr", "1e-6"],
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    # wait until torch is imported and training runs (CPU time of the child grows past import)
-    time.sleep(6)
+    # the command imports torch (flatprior.cli does not): once libtorch is mapped, the signal
+    # lands inside the command, not in the interpreter's start-up
+    maps = Path(f"/proc/{p.pid}/maps")
+    _wait(lambda: p.poll() is not None or "libtorch" in maps.read_text(), 60, "torch import")
+    time.sleep(1.0)
     assert p.poll() is None, p.communicate()
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
