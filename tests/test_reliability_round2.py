@@ -113,7 +113,7 @@ def test_correlation_table_counts_duplicate_keys_once():
     t1 = correlation_table(df, n_boot=0)
     t2 = correlation_table(pd.concat([df, df.iloc[:5]]), n_boot=0)
     assert set(t2["n"]) == {12}
-    pd.testing.assert_frame_equal(t1, t2)
+    pd.testing.assert_frame_equal(t1, t2, check_exact=True)
 
 
 # --- item 3: bootstrap intervals do not depend on row order -----------------------------------
@@ -136,7 +136,7 @@ def test_bootstrap_interval_independent_of_row_order():
     for shuffle_seed in range(2):
         shuffled = df.sample(frac=1.0, random_state=shuffle_seed).reset_index(drop=True)
         got = correlation_table(shuffled, n_boot=100, seed=0)
-        pd.testing.assert_frame_equal(got, ref)  # exact, every interval end included
+        pd.testing.assert_frame_equal(got, ref, check_exact=True)  # every bit, CIs included
         lows.add(tuple(got["ci_low"]))
     assert len(lows) == 1
 
