@@ -383,7 +383,14 @@ def demo(
 
 
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit status 2."""
+    """Entry point: user errors become one line on stderr and exit status 2; Ctrl-C exits 130."""
+    try:
+        _main()
+    except KeyboardInterrupt:  # a Ctrl-C outside the command (e.g. while reporting an error)
+        _aborted()
+
+
+def _main() -> None:
     try:
         code = app(standalone_mode=False)
     except FlatpriorError as exc:
