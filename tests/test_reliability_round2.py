@@ -333,6 +333,26 @@ def test_n_test_zero_says_why_test_error_is_missing(cli):
     assert "n/a (no test set: --n-test 0)" in line
 
 
+def test_report_of_runs_without_test_set_says_why_n_a(cli, tmp_path):
+    from flatprior.experiments.runner import run_sweep
+    from flatprior.experiments.specs import resolve
+    from flatprior.experiments.store import Store
+
+    def no_test_set(cfg):
+        return {**_fake_runs.fake_record(cfg), "test_error": None}
+
+    db = tmp_path / "r.db"
+    r = resolve("fig3", "quick", "mnist-fcn", {"seed": [0, 1], "n_test": 0})
+    with Store(db) as st:
+        run_sweep(r.configs, st, r.label, info=r.info(), run_fn=no_test_set, workers=1,
+                  progress=False)
+    res = cli("report", db, "--out", tmp_path / "rep.html", "--n-boot", "0")
+    assert res.returncode == 0, res.stderr
+    assert "n/a" in res.stdout
+    assert "n/a where n < 3: a correlation needs 3 zero-error runs with both the measure and a " \
+           "test error (runs with n_test = 0 have no test error)" in " ".join(res.stdout.split())
+
+
 class _Quiet(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):
         pass

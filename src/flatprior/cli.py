@@ -161,6 +161,10 @@ def _print_correlations(table, title: str) -> None:
     for _, r in w.iterrows():
         t.add_row(*[str(v) for v in r])
     (out if out.is_terminal else Console(width=_PIPE_WIDTH)).print(t)  # pipes: no wrapping
+    if "n" in table and (table["n"] < 3).any():
+        out.print("[yellow]n/a where n < 3:[/] a correlation needs 3 zero-error runs with both "
+                  "the measure and a test error (runs with n_test = 0 have no test error)",
+                  soft_wrap=True)
 
 
 def _resolve_cli(spec, variant, preset, sets, config, data_root):
