@@ -431,6 +431,15 @@ ABORTED = 130
 
 def _aborted() -> None:
     err.print("aborted (finished runs are stored; re-run to resume)", highlight=False)
+    # CPython flags a KeyboardInterrupt that escaped code run through PyRun_String (pybind11's
+    # py::exec while torch is imported) and then, under `python -m`, ends the process with
+    # SIGINT instead of our status (subprocess sees -2, not 130). Running any string clears it.
+    try:
+        import ctypes
+
+        ctypes.pythonapi.PyRun_SimpleString(b"pass")
+    except (AttributeError, OSError):  # not CPython: nothing to clear
+        pass
     sys.exit(ABORTED)
 
 
