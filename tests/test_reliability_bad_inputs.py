@@ -176,6 +176,42 @@ def _spec_file(tmp, text: str | None):
     return load_spec(str(p))
 
 
+def _toml_bytes(tmp, data: bytes, name: str = "latin1.toml") -> Path:
+    """A TOML file with the given bytes (e.g. Latin-1 text, which is not UTF-8)."""
+    p = tmp / name
+    p.write_bytes(data)
+    return p
+
+
+LATIN1_TOML = "# r\xe9sultats de l'\xe9t\xe9\nn_train = 200\n".encode("latin-1")
+
+
+def two_output_model():
+    """A network with two outputs per input (a 2-class softmax head)."""
+    return torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
+
+
+def indefinite_kernel(n: int = 10, lam_rel: float = -0.038) -> np.ndarray:
+    """A symmetric kernel whose smallest eigenvalue is ``lam_rel * max K_ii`` (< 0)."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(n, n))
+    k = a @ a.T / n + 0.5 * np.eye(n)
+    w, v = np.linalg.eigh(k)
+    w[0] = lam_rel * float(np.diag(k).max())
+    k = (v * w) @ v.T
+    return (k + k.T) / 2
+
+
+Y10 = np.where(np.arange(10) % 2 == 0, 1, -1)
+
+
+def _spec_folder(tmp):
+    from flatprior.experiments.specs import load_spec
+
+    (tmp / "d.toml").mkdir()
+    return load_spec(str(tmp / "d.toml"))
+
+
 def _store_on_text_file(tmp):
     from flatprior.experiments.store import Store
 
@@ -204,7 +240,9 @@ X, Y = xy()
 
 
 def _api_cases():
+    from flatprior.checkpoint import check_writable_file
     from flatprior.data import make_task
+    from flatprior.experiments.specs import load_overrides, load_spec
     from flatprior.flatness import (
         flatness_measures,
         hessian_spectral_norm,
@@ -221,7 +259,7 @@ def _api_cases():
         pac_bayes_bound,
         sample_boolean_prior,
     )
-    from flatprior.train import make_optimizer
+    from flatprior.train import make_optimizer, predict
 
     m = tiny_fcn()
     c = [
@@ -274,6 +312,24 @@ def _api_cases():
             "n_trian",
         ),
         ("store-on-text-file", _store_on_text_file, "not a flatprior results database"),
+        # issue #17: files that are not UTF-8, folders where a file belongs, unwritable outputs
+        (
+            "spec-file-not-utf8",
+            lambda t: load_spec(str(_toml_bytes(t, LATIN1_TOML))),
+            "is not UTF-8 text (byte 0xe9",
+        ),
+        ("spec-file-is-folder", _spec_folder, "is a folder"),
+        ("config-file-not-utf8", lambda t: load_overrides(_toml_bytes(t, LATIN1_TOML)),
+         "save it as UTF-8"),
+        ("config-file-is-folder", lambda t: load_overrides(t), "is a folder"),
+        ("save-model-missing-folder", lambda t: check_writable_file(t / "no" / "m.pt"),
+         "does not exist"),
+        pytest.param(
+            "save-model-read-only-folder",
+            lambda t: check_writable_file("/sys/m.pt"),
+            "cannot write in /sys",
+            marks=pytest.mark.skipif(not Path("/sys").is_dir(), reason="no /sys"),
+        ),
         pytest.param(
             "boolean-prior-truncated-npz",
             _boolean_prior_truncated,
@@ -408,6 +464,28 @@ def _api_cases():
         ("model-hidden-negative", lambda t: make_model("fcn", (4,), hidden=(-5,)), "positive"),
         ("cnn-image-too-small", lambda t: make_model("cnn", (1, 2, 2)), "at least 4x4"),
         ("resnet-on-vectors", lambda t: make_model("resnet18", (64,)), "image inputs"),
+        # issue #17: one shared PSD check, one line from every log P(f) method
+        ("not-psd-ep", lambda t: log_prior(indefinite_kernel(), Y10, method="ep"),
+         "min eigenvalue"),
+        ("not-psd-exact", lambda t: log_prior(indefinite_kernel(), Y10, method="exact"),
+         "min eigenvalue"),
+        ("not-psd-tilting", lambda t: log_prior(indefinite_kernel(), Y10, method="tilting"),
+         "min eigenvalue"),
+        ("not-psd-mc", lambda t: log_prior(indefinite_kernel(), Y10, method="mc"),
+         "min eigenvalue"),
+        # issue #17: models with several outputs where one logit is needed
+        ("predict-two-outputs", lambda t: predict(two_output_model(), X),
+         "one logit per input"),
+        (
+            "flatness-two-outputs",
+            lambda t: flatness_measures(two_output_model(), X, Y, which=("spectral_norm",)),
+            "returns 2 outputs per input",
+        ),
+        (
+            "sharpness-two-outputs",
+            lambda t: keskar_sharpness(two_output_model(), BCE, X, Y, 1e-3, epochs=2),
+            "returns 2 outputs per input",
+        ),
         # --- configs --------------------------------------------------------------------------
         ("config-unknown-field", lambda t: make_config(n_trian=5), "n_trian: unknown field"),
         ("config-wrong-type", lambda t: make_config(n_train="many"), "n_train"),
@@ -416,6 +494,8 @@ def _api_cases():
         ("config-hidden-negative", lambda t: make_config(hidden=(-3,)), "hidden"),
         ("config-sigma-inf", lambda t: make_config(sigma_w2=float("inf")), "finite"),
         ("config-seed-negative", lambda t: make_config(seed=-1), "seed"),
+        ("config-seed-too-large", lambda t: make_config(seed=99999999999999999999),
+         "seed: Input should be less than or equal to 4294967295"),
         (
             "config-wrong-literal",
             lambda t: make_config(sharpness_method="adam"),
@@ -509,6 +589,22 @@ CLI_CASES = [
     ),
     ("report-not-a-database", ["report", "{tmp}/notes.db"], "not a flatprior results database"),
     ("report-missing-database", ["report", "{tmp}/none.db"], "no results database"),
+    # issue #17
+    ("seed-too-large", ["train", "--seed", "99999999999999999999"], "less than or equal"),
+    (
+        "override-seed-too-large",
+        ["run", "fig3", "--set", "seed=99999999999999999999", "--dry-run"],
+        "less than or equal",
+    ),
+    ("config-not-utf8", ["run", "fig3", "--config", "{tmp}/latin1.toml", "--dry-run"],
+     "not UTF-8"),
+    ("config-is-folder", ["run", "fig3", "--config", "{tmp}", "--dry-run"], "is a folder"),
+    ("spec-file-not-utf8", ["run", "{tmp}/latin1.toml", "--dry-run"], "not UTF-8"),
+    ("save-model-missing-folder", ["train", "--save-model", "{tmp}/none/m.pt"],
+     "does not exist"),
+    ("save-model-is-folder", ["train", "--save-model", "{tmp}"], "is a folder"),
+    ("download-unknown-dataset", ["download", "imagenet"], "unknown dataset to download"),
+    ("download-bad-parts", ["download", "mnist", "--parts", "val"], "unknown --parts entry"),
 ]
 
 
@@ -519,6 +615,7 @@ def bad_roots(tmp_path):
     write_cifar(tmp_path / "badcifar", test=cifar_bytes(2)[:-1], train=cifar_bytes(2))
     (tmp_path / "bad.toml").write_text("name = [unclosed\n")
     (tmp_path / "notes.db").write_text("my notes, not a database\n" * 50)
+    (tmp_path / "latin1.toml").write_bytes(LATIN1_TOML)
     return tmp_path
 
 
@@ -548,8 +645,10 @@ def test_cli_bad_input_one_line_on_stderr(monkeypatch, capsys, bad_roots, name, 
     [
         (["train", "--n-train", "abc"], "--n-train"),  # was a rich traceback (typer._click)
         (["train", "--dataset", "mnist", "--data-root", "{tmp}/baddims"], "[n, 28, 28]"),
+        (["train", "--seed", "99999999999999999999"], "less than or equal"),  # was torch's
+        (["run", "fig3", "--config", "{tmp}/latin1.toml", "--dry-run"], "not UTF-8"),
     ],
-    ids=["usage-error", "bad-file"],
+    ids=["usage-error", "bad-file", "seed-overflow", "config-not-utf8"],
 )
 def test_cli_bad_input_real_process(bad_roots, args, words):
     p = subprocess.run(

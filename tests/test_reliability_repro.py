@@ -1,4 +1,6 @@
-"""Reproducibility: the same seed gives a bit-identical record on the same machine.
+"""Reproducibility: the same seed gives a bit-identical record on the same machine at a fixed
+torch thread count (more intra-op threads can sum in another order; a sweep therefore trains
+every run with one thread, whatever ``--workers``, the cores or ``OMP_NUM_THREADS`` are).
 
 Two runs of :func:`flatprior.pipeline.run` with the same config, in this process and in a fresh
 interpreter, must give the same record once wall-time fields (``*_time_s``) are removed: every
@@ -72,7 +74,7 @@ def test_same_seed_same_record_in_a_fresh_process(record):
     script = textwrap.dedent(
         f"""
         import json, torch
-        torch.set_num_threads(2)  # as tests/conftest.py does for this process
+        torch.set_num_threads(2)  # this process has 1 (tests/conftest.py); equal here anyway
         from flatprior.pipeline import run
         print(json.dumps(run({CFG!r})))
         """
@@ -111,3 +113,39 @@ def test_record_holds_full_config_and_versions(record):
     assert v["python"] == "{}.{}.{}".format(*sys.version_info[:3])
     # the record is plain JSON (no NaN tokens): it can be stored and re-read exactly
     assert json.loads(json.dumps(record, allow_nan=False)) == record
+
+
+def test_sweep_runs_train_with_one_torch_thread(monkeypatch):
+    """``flatprior run --workers 1`` runs in this process: it must not use this process's
+    thread count (worker processes already had one thread), and must restore it after."""
+    import torch
+
+    import flatprior.pipeline
+    from flatprior.experiments.runner import default_run_fn
+
+    seen = []
+    monkeypatch.setattr(flatprior.pipeline, "run",
+                        lambda cfg: seen.append(torch.get_num_threads()) or {"ok": 1})
+    torch.set_num_threads(2)  # the autouse fixture restores the original count afterwards
+    assert default_run_fn({}) == {"ok": 1}
+    assert seen == [1] and torch.get_num_threads() == 2
+
+
+@pytest.mark.timeout(300)
+def test_sweep_records_do_not_depend_on_workers(tmp_path):
+    """The issue's case: ``--workers 1`` (in-process) and ``--workers 2`` (two processes) give
+    bit-identical records."""
+    from flatprior.experiments.runner import run_sweep
+    from flatprior.experiments.store import Store
+    from flatprior.pipeline import make_config
+
+    cfgs = [make_config(**{**CFG, "seed": s, "measure_every": 0,
+                           "measures": ("sharpness", "log_prior")}) for s in (1, 2)]
+    out = {}
+    for w in (1, 2):
+        with Store(tmp_path / f"w{w}.db") as st:
+            run_sweep(cfgs, st, "t", workers=w, progress=False)
+            out[w] = {r["key"]: canonical({k: v for k, v in r.items()
+                                           if k not in ("created", "wall_time_s")})
+                      for r in st.records()}
+    assert len(out[1]) == 2 and out[1] == out[2]

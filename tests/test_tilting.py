@@ -292,7 +292,7 @@ def test_non_converged_optimisation_is_reported():
         (np.eye(2), [1, 2], {}, "labels"),
         (np.eye(3), [1, 1], {}, "length"),
         (np.array([[1.0, 0.9, -0.9], [0.9, 1.0, 0.9], [-0.9, 0.9, 1.0]]), [1, 1, 1], {},
-         "positive definite"),
+         "positive semidefinite"),
         (np.diag([1.0, 0.0]), [1, 1], {}, "diagonal"),
         (np.eye(2), [1, 1], {"proposal": "ecp"}, "did you mean"),
         (np.eye(2), [1, 1], {"n_samples": 1}, "n_samples"),

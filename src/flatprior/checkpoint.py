@@ -66,6 +66,34 @@ def safe_output_path(out_dir: str | os.PathLike, name: str | os.PathLike) -> Pat
     return target
 
 
+def check_writable_file(path: str | os.PathLike, what: str = "--save-model") -> Path:
+    """Fail now, before any work, if a file cannot be created at ``path``.
+
+    The folder must exist and take a new file: a temporary file is created and removed there
+    (``os.access`` says yes to root on a read-only mount; creating a file is the real test).
+
+    Raises:
+        FlatpriorError: missing folder, ``path`` is a folder, or the folder refuses new files.
+    """
+    dest = Path(path).expanduser()
+    if dest.is_dir():
+        raise FlatpriorError(f"{what} {dest} is a folder; give a file name like model.pt")
+    if not dest.parent.is_dir():
+        raise FlatpriorError(
+            f"{what} {dest}: folder {dest.parent} does not exist; create it or choose another path"
+        )
+    try:
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".flatprior-check-")
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as exc:
+        raise FlatpriorError(
+            f"{what} {dest}: cannot write in {dest.parent} ({exc.strerror}); make it writable or "
+            "choose another path"
+        ) from None
+    return dest
+
+
 def _json_default(obj: Any) -> Any:
     if hasattr(obj, "item"):
         return obj.item()

@@ -27,6 +27,10 @@ err = Console(stderr=True)
 out = Console()
 
 
+#: console width when stdout is not a terminal: wide enough that no line is ever wrapped
+_PIPE_WIDTH = 10_000
+
+
 def _measures(value: str) -> tuple[str, ...]:
     return tuple(m.strip() for m in value.split(",") if m.strip()) if value != "none" else ()
 
@@ -119,11 +123,25 @@ def train(
     if data_path is not None:
         fields.update(dataset="file", data_path=str(data_path.expanduser().resolve()))
     cfg = make_config(**fields)
+    if save_model is not None:  # before training: a late failure would cost the whole run
+        from flatprior.checkpoint import check_writable_file
+
+        check_writable_file(save_model)
     prog, update = _epoch_progress(max_epochs)
-    with prog:
-        rec = run(cfg, progress=update, save_model=str(save_model) if save_model else None)
+    try:
+        with prog:
+            rec = run(cfg, progress=update, save_model=str(save_model) if save_model else None)
+    except FlatpriorError as exc:
+        if getattr(exc, "record", None) is None:
+            raise
+        _print_record(exc.record, history, json_out)  # the save failed: show the run, then why
+        raise
+    _print_record(rec, history, json_out)
+
+
+def _print_record(rec: dict, history: bool, json_out: bool) -> None:
     if not history:
-        rec.pop("history")
+        rec.pop("history", None)
     if json_out:
         print(json.dumps(rec))
         return
@@ -133,6 +151,9 @@ def train(
     for k, v in rec.items():
         if k in ("config", "versions", "history", "notes"):
             continue
+        if v is None:  # not measured: say why where we know
+            v = "n/a (no test set: --n-test 0)" if k == "test_error" and not rec.get(
+                "n_test") else "n/a"
         table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
     out.print(table)
     for note in rec["notes"]:
@@ -156,7 +177,11 @@ def _print_correlations(table, title: str, granulated=None) -> None:
                      no_wrap=True)
     for _, r in w.iterrows():
         t.add_row(*[str(v) for v in r])
-    (out if out.is_terminal else Console(width=200)).print(t)  # pipes/files: no wrapped numbers
+    (out if out.is_terminal else Console(width=_PIPE_WIDTH)).print(t)  # pipes: no wrapping
+    if "n" in table and (table["n"] < 3).any():
+        out.print("[yellow]n/a where n < 3:[/] a correlation needs 3 zero-error runs with both "
+                  "the measure and a test error (runs with n_test = 0 have no test error)",
+                  soft_wrap=True)
 
 
 def _resolve_cli(spec, variant, preset, sets, config, data_root, data_path=None,
@@ -249,15 +274,18 @@ def list_cmd(
     """List the experiment specs (what each reproduces, runs per preset, what it needs)."""
     from flatprior.experiments.specs import PRESETS, list_specs, load_spec, resolve
 
+    # the terminal's width only on a terminal: a pipe or file gets whole lines (rich would
+    # squeeze to 80 columns and split words)
+    con = out if out.is_terminal else Console(width=_PIPE_WIDTH)
     if spec is not None:
         s = load_spec(spec)
-        out.print(f"[bold]{s.name}[/]: {s.title}\nreproduces: {s.reproduces}\n{s.description}")
+        con.print(f"[bold]{s.name}[/]: {s.title}\nreproduces: {s.reproduces}\n{s.description}")
         for v in list(s.variants) or [None]:
             for p in PRESETS:
                 r = resolve(s, p, v, build=False)
-                out.print(f"\n[bold]{r.label}[/] ({r.n_runs} runs; sharpness: "
+                con.print(f"\n[bold]{r.label}[/] ({r.n_runs} runs; sharpness: "
                           f"{r.sharpness_settings()})" + (f"  needs: {r.needs}" if r.needs else ""))
-                out.print(json.dumps({"base": r.base, "sweep": r.sweep}, default=str))
+                con.print(json.dumps({"base": r.base, "sweep": r.sweep}, default=str))
         return
     t = Table(title="flatprior experiment specs  (flatprior run NAME [VARIANT] --preset P)")
     for col in ("name", "variants", "reproduces", "quick runs", "paper runs",
@@ -273,7 +301,7 @@ def list_cmd(
                       str(r["quick"].n_runs), str(r["paper"].n_runs),
                       " / ".join(r[p].sharpness_settings(with_eps=False) for p in PRESETS),
                       needs)
-    out.print(t)
+    con.print(t)
 
 
 @app.command("report")
@@ -297,6 +325,11 @@ def report_cmd(
     if n_boot < 0:
         raise FlatpriorError(f"--n-boot must be >= 0, got {n_boot}")
     path, sections = write_report(db, out_html, n_boot=n_boot, boolean_samples=boolean_samples)
+    unreadable = sorted({k for s in sections for k in s.unreadable})
+    if unreadable:
+        err.print(f"[yellow]warning:[/] {len(unreadable)} stored record(s) unreadable (invalid "
+                  f"JSON), left out of the report: {', '.join(unreadable[:5])}"
+                  + (" …" if len(unreadable) > 5 else ""), highlight=False, soft_wrap=True)
     if not quiet:
         for s in sections:
             what = ("flatness vs log P(f) of the functions SGD found"
@@ -357,6 +390,44 @@ def _print_claims(claims, title: str) -> None:
 
 
 @app.command()
+def download(
+    dataset: Annotated[str, typer.Argument(help="mnist")],
+    data_root: Annotated[
+        Path | None, typer.Option(help="folder to put the files in (default $FLATPRIOR_DATA)")
+    ] = None,
+    parts: Annotated[str, typer.Option(help="train,test | test (the two t10k files)")] = (
+        "train,test"
+    ),
+    mirror: Annotated[
+        str | None,
+        typer.Option(help="base URL of a mirror (default: $FLATPRIOR_MNIST_MIRROR, else the "
+                          "public mirrors)"),
+    ] = None,
+) -> None:
+    """Download a data set's files with md5 checks (files already present are kept)."""
+    import os
+
+    from flatprior.data.mnist import FILES, _find, download_mnist
+    from flatprior.errors import check_choice
+
+    check_choice("dataset to download", dataset, ["mnist"])
+    wanted = tuple(p.strip() for p in parts.split(",") if p.strip())
+    for p in wanted:
+        check_choice("--parts entry", p, ["train", "test"])
+    if not wanted:
+        raise FlatpriorError("--parts is empty; use train,test or test")
+    root = Path(data_root or os.environ.get("FLATPRIOR_DATA", "~/.cache/flatprior")).expanduser()
+    got = download_mnist(root, wanted, mirrors=(mirror,) if mirror else None)
+    for f in got:
+        err.print(f"downloaded {f} (md5 ok)", highlight=False, soft_wrap=True)
+    for key, (stem, _) in FILES.items():
+        if key.split("-")[0] in wanted and (p := _find(root, stem)) not in got:
+            err.print(f"already present: {p}", highlight=False, soft_wrap=True)
+    err.print(f"MNIST ({', '.join(wanted)}) ready in {root}; use --data-root {root}",
+              highlight=False, soft_wrap=True)
+
+
+@app.command()
 def demo(
     out_dir: Annotated[
         Path, typer.Option("--out", help="folder for results.db and report.html")
@@ -397,16 +468,22 @@ def demo(
 
 
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit status 2."""
+    """Entry point: user errors become one line on stderr and exit status 2; Ctrl-C exits 130."""
     try:
-        app(standalone_mode=False)
+        _main()
+    except KeyboardInterrupt:  # a Ctrl-C outside the command (e.g. while reporting an error)
+        _aborted()
+
+
+def _main() -> None:
+    try:
+        code = app(standalone_mode=False)
     except FlatpriorError as exc:
         # escape: messages hold shapes like "[n, 28, 28]" that rich would take as markup
         err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
-        err.print("aborted")
-        sys.exit(130)
+        _aborted()
     except Exception as exc:  # click usage errors (bad option, bad value, unknown command)
         # typer >= 0.16 vendors click as ``typer._click``: its exceptions are not
         # ``click.ClickException``, so recognise them by their interface instead of their class.
@@ -421,6 +498,30 @@ def main() -> None:
                 f"[red]error:[/] {escape(line)}; see --help", highlight=False, soft_wrap=True
             )
         sys.exit(exc.exit_code)
+    # typer turns a KeyboardInterrupt inside a command into exit code 130, which
+    # standalone_mode=False returns instead of exiting with it
+    if code == ABORTED:
+        _aborted()
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+#: exit status of a run stopped by Ctrl-C (128 + SIGINT), as shells report it
+ABORTED = 130
+
+
+def _aborted() -> None:
+    err.print("aborted (finished runs are stored; re-run to resume)", highlight=False)
+    # CPython flags a KeyboardInterrupt that escaped code run through PyRun_String (pybind11's
+    # py::exec while torch is imported) and then, under `python -m`, ends the process with
+    # SIGINT instead of our status (subprocess sees -2, not 130). Running any string clears it.
+    try:
+        import ctypes
+
+        ctypes.pythonapi.PyRun_SimpleString(b"pass")
+    except (AttributeError, OSError):  # not CPython: nothing to clear
+        pass
+    sys.exit(ABORTED)
 
 
 if __name__ == "__main__":

@@ -24,13 +24,13 @@ from pydantic import (
 
 from flatprior import names
 from flatprior.errors import FlatpriorError
-from flatprior.measures import MEASURES, REGISTRY
+from flatprior.measures import FLATNESS_MEASURES, MEASURES, PRIOR_MEASURES, REGISTRY
 
 if TYPE_CHECKING:
     from flatprior.train import TrainConfig
 
-__all__ = ["LATER_FIELDS", "NON_KEY_FIELDS", "TRAIN_FIELDS", "RunConfig", "make_config",
-           "validation_message"]
+__all__ = ["LATER_FIELDS", "NON_KEY_FIELDS", "TRAIN_FIELDS", "RunConfig", "canonical_measures",
+           "config_key", "make_config", "validation_message"]
 
 #: fields that say where things are, not what is computed: left out of the run key
 NON_KEY_FIELDS = ("data_root",)
@@ -59,7 +59,9 @@ class RunConfig(BaseModel):
     n_attack: int = Field(0, ge=0)
     n_test: int | None = Field(1000, ge=0)
     boolean_target: str | None = None
-    data_seed: int | None = Field(None, ge=0)  # None: use ``seed``
+    # seeds up to 2^32 - 1: what every RNG used here accepts (torch fails above 2^64 - 1,
+    # numpy's legacy RandomState and scikit-learn above 2^32 - 1)
+    data_seed: int | None = Field(None, ge=0, le=2**32 - 1)  # None: use ``seed``
     # model
     model: str = "fcn"
     hidden: tuple[Annotated[int, Field(ge=1)], ...] = (40, 40)
@@ -67,7 +69,7 @@ class RunConfig(BaseModel):
     sigma_w2: float = Field(2.0, gt=0)
     sigma_b: float = Field(1.0, ge=0)
     # training
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     optimizer: str = "sgd"
     lr: float | None = Field(None, gt=0)
     batch_size: int = Field(128, ge=1)
@@ -111,16 +113,20 @@ class RunConfig(BaseModel):
 
     @field_validator("measures", "epoch_measures")
     @classmethod
-    def _known_measures(cls, v, info):
+    def _known_measures(cls, v):
         bad = [m for m in v if m not in MEASURES]
         if bad:
             raise ValueError(f"unknown measure(s) {bad}; choose from {list(MEASURES)}")
-        if info.field_name == "epoch_measures":
-            final_only = [m for m in v if not REGISTRY[m].per_epoch]
-            if final_only:
-                raise ValueError(f"measure(s) {final_only} are taken only at the end of "
-                                 "training; remove them from epoch_measures")
-        return tuple(v)
+        return canonical_measures(v)
+
+    @model_validator(mode="after")
+    def _epoch_measures_taken_per_epoch(self):
+        # epoch_measures count only when they are measured (measure_every > 0)
+        final_only = [m for m in self.epoch_measures if not REGISTRY[m].per_epoch]
+        if self.measure_every and final_only:
+            raise ValueError(f"measure(s) {final_only} are taken only at the end of training; "
+                             "remove them from epoch_measures")
+        return self
 
     @field_validator("dataset")
     @classmethod
@@ -152,13 +158,20 @@ class RunConfig(BaseModel):
         return self
 
     def key(self) -> str:
-        """16-hex-digit hash of the config (without paths): the run's identity in a store."""
-        d = self.model_dump(mode="json", exclude=set(NON_KEY_FIELDS))
-        for f in LATER_FIELDS:
-            if d[f] == RunConfig.model_fields[f].default:
-                del d[f]
-        blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        """16-hex-digit hash of the config (without paths): the run's identity in a store.
+
+        Measure lists enter in canonical form (:func:`canonical_measures`), so
+        ``measures=log_prior,sharpness``, ``sharpness,log_prior`` and ``sharpness,sharpness,
+        log_prior`` are one run with one key. Fields in :data:`LATER_FIELDS` enter only when set
+        away from their default.
+
+        Migration: before the canonical rule (stores written before issue #17) the key hashed
+        the lists as typed. Configs whose lists were already in canonical order (all shipped
+        specs, all defaults) keep their keys; a run stored under a list in another order or with
+        a repeated name is run once more by the next sweep (stored under the new key), and
+        reports count the two records as one run (:func:`config_key` of the stored config).
+        """
+        return config_key(self.model_dump(mode="json"))
 
     def train_config(self) -> TrainConfig:
         """The :class:`flatprior.train.TrainConfig` of this run (the fields in TRAIN_FIELDS)."""
@@ -166,6 +179,36 @@ class RunConfig(BaseModel):
 
         return TrainConfig(**{f: getattr(self, f) for f in TRAIN_FIELDS},
                            optimizer_kwargs={} if self.sam_rho is None else {"rho": self.sam_rho})
+
+
+def canonical_measures(names) -> tuple[str, ...]:
+    """Measure names de-duplicated and sorted: flatness measures first, then the prior ones.
+
+    The order within each kind is the registry's; it is the order every spec and default
+    already uses, so their keys did not change. Unknown names sort last, alphabetically.
+    """
+    order = (*FLATNESS_MEASURES, *PRIOR_MEASURES)
+    rank = {m: i for i, m in enumerate(order)}
+    return tuple(sorted(set(names), key=lambda m: (rank.get(m, len(rank)), m)))
+
+
+def config_key(config: dict[str, Any], *, canonical: bool = True) -> str:
+    """:meth:`RunConfig.key` of a config dict (e.g. a stored record's ``config``).
+
+    sha256 of its sorted JSON without :data:`NON_KEY_FIELDS` (and without the
+    :data:`LATER_FIELDS` at their default), measure lists in canonical form; the first 16 hex
+    digits. ``canonical=False``: the lists as they are (the recipe of stores written before
+    issue #17).
+    """
+    d = {k: v for k, v in config.items() if k not in NON_KEY_FIELDS}
+    for f in LATER_FIELDS:
+        if f in d and d[f] == RunConfig.model_fields[f].default:
+            del d[f]
+    for name in ("measures", "epoch_measures"):
+        if canonical and isinstance(d.get(name), (list, tuple)):
+            d[name] = list(canonical_measures(d[name]))
+    blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def make_config(**fields: Any) -> RunConfig:

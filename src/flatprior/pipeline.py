@@ -21,6 +21,8 @@ from flatprior.config import (
     LATER_FIELDS,
     NON_KEY_FIELDS,
     RunConfig,
+    canonical_measures,
+    config_key,
     make_config,
     validation_message,
 )
@@ -29,7 +31,8 @@ from flatprior.measures import FLATNESS_MEASURES, MEASURES, PRIOR_MEASURES, REGI
 
 __all__ = [
     "FLATNESS_MEASURES", "LATER_FIELDS", "MEASURES", "NON_KEY_FIELDS", "PRIOR_MEASURES",
-    "RunConfig", "build_model", "build_task", "compute_measures", "flatness_group", "kernel_of",
+    "RunConfig", "build_model", "build_task", "canonical_measures", "compute_measures",
+    "config_key", "flatness_group", "kernel_of",
     "make_config", "prior_group", "train_record", "prior_measures", "run", "sharpness_lbfgsb",
     "validation_message", "versions",
 ]
@@ -285,7 +288,11 @@ def run(
         from flatprior.checkpoint import save_checkpoint
 
         path = Path(save_model).expanduser()
-        save_checkpoint(model, path.name, config=record["config"], out_dir=path.parent)
+        try:
+            save_checkpoint(model, path.name, config=record["config"], out_dir=path.parent)
+        except FlatpriorError as exc:
+            exc.record = record  # the measured run is not lost: callers can still report it
+            raise
         record["model_path"] = str(path)
     return record
 

@@ -92,7 +92,10 @@ def correlation(
     x = np.asarray(x, dtype=float)
     y = np.asarray(y, dtype=float)
     ok = np.isfinite(x) & np.isfinite(y)
-    x, y = x[ok], y[ok]
+    # pairs in a canonical order (by x, then y): the seeded bootstrap then depends only on the
+    # set of runs, not on the order rows arrived in (the order workers finished)
+    order = np.lexsort((y[ok], x[ok]))
+    x, y = x[ok][order], y[ok][order]
     n = len(x)
     out = {"n": n, "estimate": np.nan, "p_value": np.nan, "ci_low": np.nan, "ci_high": np.nan}
     if n < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
@@ -162,6 +165,8 @@ def correlation_table(
         return pd.DataFrame()
     if status is not None and "status" in df.columns:
         df = df[df["status"] == status]
+    if "key" in df.columns:  # the same run twice (e.g. two stores concatenated) counts once
+        df = df.drop_duplicates("key", keep="last")
     if target not in df.columns:
         raise FlatpriorError(f"no {target!r} column in the results; nothing to correlate with")
     measures = list(measures) if measures is not None else measure_columns(df)

@@ -68,6 +68,8 @@ class SpecSection:
     granulated: pd.DataFrame = field(default_factory=pd.DataFrame)
     pooled: pd.DataFrame = field(default_factory=pd.DataFrame)
     extra_tables: list[tuple[str, pd.DataFrame]] = field(default_factory=list)
+    #: keys of this spec's stored records that could not be read (invalid JSON; skipped)
+    unreadable: list[str] = field(default_factory=list)
 
 
 def analyse_spec(
@@ -81,8 +83,9 @@ def analyse_spec(
 ) -> SpecSection:
     """Correlations (and figures) of one spec label's runs in ``store``."""
     info = store.spec_info(label) or {"label": label}
+    before = set(store.unreadable)
     df = store.to_frame(spec=label)
-    sec = SpecSection(label, info, df)
+    sec = SpecSection(label, info, df, unreadable=sorted(store.unreadable - before))
     if df.empty:
         return sec
     kind = info.get("analysis", "attack")
@@ -296,6 +299,9 @@ def render_html(sections: list[SpecSection], *, title: str, source: str,
             parts.append(f"<p><b>Reproduces:</b> {html.escape(info['reproduces'])}</p>")
         if info.get("description"):
             parts.append(f"<p>{html.escape(info['description'])}</p>")
+        if s.unreadable:
+            parts.append(f"<p><b>{len(s.unreadable)} stored record(s) unreadable</b> (invalid "
+                         "JSON), left out: " + html.escape(", ".join(s.unreadable)) + "</p>")
         if not s.frame.empty and "status" in s.frame:
             counts = s.frame["status"].value_counts().to_dict()
             parts.append("<p><b>Runs:</b> " + ", ".join(

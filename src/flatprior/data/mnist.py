@@ -71,17 +71,39 @@ def _find(root: Path, stem: str) -> Path | None:
     return None
 
 
-def download_mnist(root: Path, parts=("train", "test")) -> None:
+def download_mnist(
+    root: Path, parts=("train", "test"), mirrors: tuple[str, ...] | None = None
+) -> list[Path]:
     """Download the standard gzipped IDX files into ``root`` and verify each md5.
 
-    Written to a temporary file first and renamed only after the checksum matched.
+    Written to a temporary file first and renamed only after the checksum matched. Files
+    already under ``root`` are kept.
+
+    Args:
+        root: the data folder (created if missing).
+        parts: ``"train"`` and/or ``"test"`` (the ``t10k`` files).
+        mirrors: base URLs tried in order (default: ``$FLATPRIOR_MNIST_MIRROR`` if set, else
+            :data:`MIRRORS`); each file is fetched as ``mirror + name + ".gz"``.
+
+    Returns:
+        The files downloaded now.
     """
-    root.mkdir(parents=True, exist_ok=True)
+    if mirrors is None:
+        env = os.environ.get("FLATPRIOR_MNIST_MIRROR")
+        mirrors = (env,) if env else MIRRORS
+    mirrors = tuple(m if m.endswith("/") else m + "/" for m in mirrors)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FlatpriorError(
+            f"cannot create {root} ({exc.strerror}); choose another folder"
+        ) from None
+    fetched: list[Path] = []
     for key, (stem, md5) in FILES.items():
         if key.split("-")[0] not in parts or _find(root, stem):
             continue
         last_error = None
-        for mirror in MIRRORS:
+        for mirror in mirrors:
             fd, tmp = tempfile.mkstemp(dir=root, suffix=".part")
             os.close(fd)
             try:
@@ -90,6 +112,7 @@ def download_mnist(root: Path, parts=("train", "test")) -> None:
                 if got != md5:
                     raise OSError(f"md5 mismatch for {stem}.gz: got {got}, expected {md5}")
                 os.replace(tmp, root / (stem + ".gz"))
+                fetched.append(root / (stem + ".gz"))
                 last_error = None
                 break
             except OSError as exc:
@@ -101,6 +124,7 @@ def download_mnist(root: Path, parts=("train", "test")) -> None:
             raise FlatpriorError(
                 f"could not download {stem}.gz ({last_error}); put the MNIST IDX files in {root}"
             )
+    return fetched
 
 
 def _load_pair(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -149,7 +173,7 @@ def load_mnist_raw(
         names = ", ".join(stem + "[.gz]" for stem, _ in FILES.values())
         raise FlatpriorError(
             f"MNIST files not found under {root}: put {names} there (the two t10k files suffice), "
-            "or pass --download where the network is available"
+            f"or run `flatprior download mnist --data-root {root}` where the network is available"
         )
     return out
 

@@ -56,10 +56,25 @@ class SweepSummary:
 
 
 def default_run_fn(cfg: dict[str, Any]) -> dict[str, Any]:
-    """:func:`flatprior.pipeline.run` (imported lazily, so workers import torch only here)."""
+    """:func:`flatprior.pipeline.run` with one torch thread.
+
+    The pipeline is imported lazily, so workers import torch only here.
+
+    Seeded runs are bit-identical at a fixed torch thread count only (intra-op parallel
+    reductions sum in another order with more threads). Every sweep run uses one thread, in a
+    worker process or in this one (``--workers 1``), so a sweep's records do not depend on
+    ``--workers``, the machine's cores or ``OMP_NUM_THREADS``.
+    """
+    import torch
+
     from flatprior.pipeline import run
 
-    return run(cfg)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run(cfg)
+    finally:
+        torch.set_num_threads(before)
 
 
 def import_run_fn(path: str) -> RunFn:
@@ -87,6 +102,43 @@ def _single_thread() -> None:
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_num_threads(1)
+
+
+def _watch_parent(parent_pid: int, interval: float = 0.5) -> None:
+    """Exit this worker as soon as ``parent_pid`` is gone (runs in a daemon thread)."""
+    while True:
+        if os.getppid() != parent_pid:  # re-parented: the sweep's process died
+            os._exit(1)
+        time.sleep(interval)
+
+
+def _worker_init(parent_pid: int) -> None:
+    """Initializer of the local worker processes.
+
+    * one BLAS/torch thread (:func:`_single_thread`);
+    * SIGINT ignored: Ctrl-C reaches the whole process group, and the parent alone stops the
+      sweep (it terminates the workers; finished runs are already stored);
+    * die with the parent: a parent killed with SIGKILL cannot shut the pool down, and idle
+      workers would wait on their task queue forever (each holds torch, ~0.5 GB). On Linux the
+      kernel sends SIGKILL when the parent exits (``prctl(PR_SET_PDEATHSIG)``); a thread that
+      polls the parent id covers other systems and the race where the parent died before
+      ``prctl`` ran.
+    """
+    import signal
+    import threading
+
+    _single_thread()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # no prctl: the watchdog thread alone
+            pass
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True,
+                     name="flatprior-parent-watchdog").start()
 
 
 def execute(run_fn: RunFn, cfg: dict[str, Any], single_thread: bool = False) -> dict[str, Any]:
@@ -157,7 +209,9 @@ def preflight(configs: Sequence) -> None:
 
     seen = set()
     for cfg in configs:
-        kernel_measures = [m for m in (*cfg.measures, *cfg.epoch_measures)
+        # epoch_measures count only when they are measured (measure_every > 0)
+        per_epoch = cfg.epoch_measures if cfg.measure_every else ()
+        kernel_measures = [m for m in (*cfg.measures, *per_epoch)
                            if measures.REGISTRY[m].needs_fcn]
         if kernel_measures and cfg.kernel == "arccos" and cfg.model != "fcn":
             raise FlatpriorError(
@@ -313,7 +367,8 @@ def _run_pool(items, run_fn: RunFn, n: int, take) -> None:
     from concurrent.futures.process import BrokenProcessPool
 
     # spawn, not fork: the parent may hold torch/BLAS thread pools that do not survive a fork
-    pool = ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"), initializer=_single_thread)
+    pool = ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                               initargs=(os.getpid(),))
     try:
         futs = {pool.submit(execute_item, run_fn, [c for _, c in item], True, ens): item
                 for item, ens in items}
@@ -327,8 +382,13 @@ def _run_pool(items, run_fn: RunFn, n: int, take) -> None:
                     "re-run the same command to resume (try fewer --workers)"
                 ) from None
             take(item, recs)
-    except BaseException:
+    except BaseException:  # Ctrl-C, a store that cannot be written, ...
+        # running tasks would otherwise finish first (and the interpreter waits for them at
+        # exit): stop the workers now; the finished runs are stored already
+        workers = list((getattr(pool, "_processes", None) or {}).values())
         pool.shutdown(wait=False, cancel_futures=True)
+        for proc in workers:
+            proc.terminate()
         raise
     pool.shutdown(wait=True)
 

@@ -246,13 +246,32 @@ def list_specs() -> dict[str, ExperimentSpec]:
     return out
 
 
+def _read_toml_text(p: Path, what: str) -> str:
+    """The text of a user's TOML file.
+
+    One line naming the fix if it is missing, a folder, unreadable or not UTF-8 (TOML files
+    are UTF-8 by definition).
+    """
+    if p.is_dir():
+        raise FlatpriorError(f"{what} {p} is a folder; give a .toml file")
+    try:
+        return p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FlatpriorError(f"{what} {p} not found") from None
+    except UnicodeDecodeError as exc:
+        raise FlatpriorError(
+            f"{what} {p} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+            f"{exc.start}); save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise FlatpriorError(f"cannot read {what} {p} ({exc.strerror}); check it") from None
+
+
 def load_spec(name: str) -> ExperimentSpec:
     """A shipped spec by name, or a spec TOML file by path (``something.toml``)."""
     if name.endswith(".toml"):
         p = Path(name).expanduser()
-        if not p.is_file():
-            raise FlatpriorError(f"spec file {p} not found")
-        return _parse_spec(p.read_text(encoding="utf-8"), f"spec file {p}")
+        return _parse_spec(_read_toml_text(p, "spec file"), f"spec file {p}")
     specs = list_specs()
     if name not in specs:
         close = difflib.get_close_matches(name, list(specs), n=1)
@@ -295,9 +314,7 @@ def load_overrides(path: str | Path) -> dict[str, Any]:
     """Overrides from a TOML file: top-level ``field = value`` and an optional ``[sweep]``."""
     p = Path(path).expanduser()
     try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FlatpriorError(f"--config file {p} not found") from None
+        data = tomllib.loads(_read_toml_text(p, "--config file"))
     except tomllib.TOMLDecodeError as exc:
         raise FlatpriorError(f"--config {p}: not valid TOML ({exc})") from None
     sweep = data.pop("sweep", {})

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,6 +66,8 @@ class Store:
 
     def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
         self.path = Path(path).expanduser()
+        #: keys of stored records whose JSON could not be parsed (skipped by :meth:`records`)
+        self.unreadable: set[str] = set()
         # only a writable store is an output (`flatprior run --out`); reports just read a file
         self._out_hint = "" if readonly else "; choose another --out"
         if readonly and not self.path.is_file():
@@ -80,8 +83,7 @@ class Store:
                 raise FlatpriorError(f"--out {self.path} is a folder; give a file name like r.db")
         try:
             if readonly:
-                uri = f"file:{self.path.resolve()}?mode=ro"
-                self._con = sqlite3.connect(uri, uri=True, timeout=30)
+                self._con = self._connect_readonly()
             else:
                 self._con = sqlite3.connect(self.path, timeout=30)
             self._con.execute("PRAGMA busy_timeout=30000")
@@ -106,6 +108,27 @@ class Store:
                 f"cannot open results database {self.path} ({msg}); free space / make the file "
                 "and its folder writable, or choose another --out"
             ) from None
+
+    def _connect_readonly(self) -> sqlite3.Connection:
+        """Open for reading without leaving files behind.
+
+        A WAL database read with ``mode=ro`` gets ``-wal``/``-shm`` files created next to it
+        (and kept after closing), which fails in a read-only folder. When no ``-wal`` file
+        exists no process has the store open (a writer keeps its ``-wal`` while connected), so
+        the file is opened ``immutable`` (no locks, no side files). When a writer is active,
+        ``mode=ro`` shares its ``-wal``/``-shm`` and sees its committed runs; if that fails
+        too (read-only folder), ``immutable`` reads what is checkpointed into the main file.
+        """
+        base = f"file:{urllib.parse.quote(str(self.path.resolve()))}?mode=ro"
+        wal = self.path.with_name(self.path.name + "-wal")
+        if not wal.exists():
+            return sqlite3.connect(base + "&immutable=1", uri=True, timeout=30)
+        try:
+            con = sqlite3.connect(base, uri=True, timeout=30)
+            con.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            return con
+        except sqlite3.OperationalError:
+            return sqlite3.connect(base + "&immutable=1", uri=True, timeout=30)
 
     # -- schema ------------------------------------------------------------------------------
     def _check_or_create(self, readonly: bool) -> None:
@@ -194,7 +217,10 @@ class Store:
     def spec_info(self, label: str) -> dict[str, Any]:
         """The description stored by :meth:`set_spec` (``{}`` if none)."""
         row = self._con.execute("SELECT info FROM specs WHERE label = ?", (label,)).fetchone()
-        return json.loads(row[0]) if row else {}
+        try:
+            return json.loads(row[0]) if row else {}
+        except ValueError:  # damaged description: the runs can still be analysed
+            return {}
 
     def add_members(self, spec: str, keys: Iterable[str]) -> None:
         """List already-stored runs under ``spec`` too (a re-run that skipped them)."""
@@ -219,8 +245,12 @@ class Store:
     def records(
         self, spec: str | None = None, status: str | None = None
     ) -> Iterator[dict[str, Any]]:
-        """Stored records (dicts, with ``created``), optionally of one spec and/or status."""
-        q = "SELECT r.record, r.created FROM runs r"
+        """Stored records (dicts, with ``created``), optionally of one spec and/or status.
+
+        A record whose JSON cannot be parsed (a damaged file, an edit by hand) is skipped and
+        its key added to :attr:`unreadable`, so one bad row does not stop a report.
+        """
+        q = "SELECT r.record, r.created, r.key FROM runs r"
         args: list[Any] = []
         where = []
         if spec is not None:
@@ -233,8 +263,14 @@ class Store:
         if where:
             q += " WHERE " + " AND ".join(where)
         q += " ORDER BY r.created, r.key"
-        for blob, created in self._con.execute(q, args):
-            rec = json.loads(blob)
+        for blob, created, key in self._con.execute(q, args).fetchall():
+            try:
+                rec = json.loads(blob)
+            except (TypeError, ValueError):
+                rec = None
+            if not isinstance(rec, dict):
+                self.unreadable.add(key)
+                continue
             rec["created"] = created
             yield rec
 
@@ -243,10 +279,29 @@ class Store:
         return int(self._con.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
 
     def to_frame(self, spec: str | None = None, status: str | None = None):
-        """Records as a pandas DataFrame of scalar fields (see :func:`flatten_record`)."""
+        """Records as a pandas DataFrame of scalar fields, one row per distinct run.
+
+        Rows: see :func:`flatten_record`.
+
+        Records of the same run stored under two keys (stores written before measure lists were
+        made canonical, see :meth:`flatprior.pipeline.RunConfig.key`) are one run: a record
+        whose key was hashed from its config (old or new recipe) is identified by the canonical
+        :func:`flatprior.pipeline.config_key`, and the latest record of each run is kept, so
+        ``n`` counts runs. Records with keys of their own (custom run functions) stay distinct.
+        """
         import pandas as pd
 
-        rows = [flatten_record(r) for r in self.records(spec, status)]
+        from flatprior.pipeline import config_key
+
+        latest: dict[str, dict[str, Any]] = {}
+        for r in self.records(spec, status):  # ordered by time: a later record replaces
+            cfg, key = r.get("config"), str(r.get("key"))
+            if isinstance(cfg, dict):
+                canonical = config_key(cfg)
+                if key in (canonical, config_key(cfg, canonical=False)):
+                    key = canonical
+            latest[key] = r
+        rows = [flatten_record(r) for r in latest.values()]
         if spec is not None:
             for r in rows:
                 r["spec"] = spec

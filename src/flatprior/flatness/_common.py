@@ -88,7 +88,18 @@ def align_targets(loss_fn: LossFn) -> LossFn:
         if (targets.is_floating_point() and targets.shape != logits.shape
                 and targets.numel() == logits.numel()):
             targets = targets.reshape(logits.shape)
-        return loss_fn(logits, targets)
+        try:
+            return loss_fn(logits, targets)
+        except (ValueError, RuntimeError):
+            per_out = logits[:1].numel()
+            per_target = targets[:1].numel()
+            if logits.ndim and targets.ndim and per_out != per_target:
+                raise FlatpriorError(
+                    f"the model returns {per_out} outputs per input but the targets hold "
+                    f"{per_target}; the default BCE loss needs one logit per input (last layer "
+                    "nn.Linear(..., 1)), or pass a loss_fn that fits the outputs"
+                ) from None
+            raise
 
     return fn
 

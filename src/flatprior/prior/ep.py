@@ -75,7 +75,7 @@ from scipy.linalg import lapack, solve_triangular
 from flatprior.errors import FlatpriorError, check_choice, check_int, check_positive
 from flatprior.prior._mills import mills_terms
 from flatprior.prior._threads import blas_threads
-from flatprior.prior._validate import as_kernel_and_signs
+from flatprior.prior._validate import as_kernel_and_signs, check_psd
 from flatprior.prior.likelihoods import GaussianCDFLikelihood, make_likelihood
 
 __all__ = ["EPResult", "EPState", "heaviside_tilted_moments", "log_prior_ep", "log_prior_probit"]
@@ -611,6 +611,7 @@ def log_prior_ep(
             labels, or correlation ``-1`` and equal labels (named in the message).
     """
     K, ysign = as_kernel_and_signs(K, y)  # private float64 copy
+    check_psd(K)
     _check_options(likelihood, tol, tol_log_prob, max_iter, damping, jitter, max_jitter,
                    warm_start, warm_rank, anderson)
     n = K.shape[0]

@@ -44,7 +44,7 @@ from scipy.special import ndtri
 from flatprior.errors import FlatpriorError, check_choice, check_int, check_positive
 from flatprior.prior._draws import ParallelDraws, grow_to_target
 from flatprior.prior._threads import blas_threads
-from flatprior.prior._validate import as_kernel_and_signs
+from flatprior.prior._validate import as_kernel_and_signs, check_psd
 from flatprior.prior.ep_sampler import (  # noqa: F401  (_ep_proposal: re-exported for tests)
     _ep_proposal,
     _EPProposal,
@@ -384,6 +384,7 @@ def log_prior_tilting(
     """
     t0 = time.perf_counter()
     Kn, ys = as_kernel_and_signs(K, y)
+    check_psd(Kn)
     proposal = _check_options(proposal, n_samples, max_samples, n_threads, max_iter,
                               n_replicates, batch_size, tol, ep_tol, jitter, min_ess_fraction,
                               target_se, max_time, confidence)

@@ -125,13 +125,25 @@ def evaluate(
         return float("nan"), float("nan"), torch.zeros(0)
     was_training = model.training
     model.eval()
-    logits = torch.cat(
-        [model(x[i : i + batch_size]).reshape(-1) for i in range(0, len(x), batch_size)]
-    )
-    model.train(was_training)
+    try:
+        logits = torch.cat(
+            [_one_logit(model(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
+        )
+    finally:
+        model.train(was_training)
     loss = nn.functional.binary_cross_entropy_with_logits(logits, y).item()
     pred = (logits > 0).float()
     return loss, (pred == y).float().mean().item(), pred
+
+
+def _one_logit(out: torch.Tensor) -> torch.Tensor:
+    """``[b]`` logits from a model output ``[b]`` or ``[b, 1]``; one line otherwise."""
+    if out.ndim > 2 or (out.ndim == 2 and out.shape[1] != 1):
+        raise FlatpriorError(
+            f"the model returns outputs of shape {list(out.shape[1:])} per input; flatprior's "
+            "binary tasks need one logit per input (last layer nn.Linear(..., 1))"
+        )
+    return out.reshape(-1)
 
 
 def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 4096) -> torch.Tensor:
@@ -348,6 +360,14 @@ def _result(task: Task, config: TrainConfig, rules: StopRules, stop: Stop | None
     elif stopped:  # a callback's "stop" outranks the cap (and keeps a collapse message)
         status = "stopped"
         message = message if stop is not None and stop.status == "collapsed" else ""
+    first_loss, last_loss = history[0]["train_loss"], history[-1]["train_loss"]
+    if status == "did_not_reach_zero_error" and last_loss > first_loss:
+        lr = "its default" if config.lr is None else f"{config.lr:g}"
+        message = (  # training made the fit worse: a step-size problem, not too few epochs
+            f"diverged: the training loss rose from {first_loss:.4g} before training to "
+            f"{last_loss:.4g} after {config.max_epochs} epochs (train accuracy "
+            f"{history[-1]['train_acc']:.4f}); lower the learning rate (lr {lr})"
+        )
     last = history[-1]
     return TrainResult(
         status=status,
