@@ -35,18 +35,20 @@ def _env(**extra):
 
 # --- item 2: one run, one key, one count -----------------------------------------------------
 def test_measure_lists_are_canonical_before_hashing():
-    from flatprior.pipeline import MEASURES, make_config
+    from flatprior.measures import FLATNESS_MEASURES, PRIOR_MEASURES
+    from flatprior.pipeline import make_config
 
     a = make_config(measures=("log_prior", "sharpness"))
     b = make_config(measures=("sharpness", "log_prior", "sharpness"))
     c = make_config(measures=("sharpness", "log_prior"))
     assert a.key() == b.key() == c.key()
-    assert a.measures == ("sharpness", "log_prior")  # the order of MEASURES
+    assert a.measures == ("sharpness", "log_prior")  # flatness first, then prior (registry order)
     e1 = make_config(measure_every=2, epoch_measures=("log_prior", "sharpness", "log_prior"))
     e2 = make_config(measure_every=2, epoch_measures=("sharpness", "log_prior"))
     assert e1.key() == e2.key() and e1.epoch_measures == ("sharpness", "log_prior")
-    everything = make_config(measures=tuple(reversed(MEASURES)))
-    assert everything.measures == MEASURES
+    canonical = (*FLATNESS_MEASURES, *PRIOR_MEASURES)
+    everything = make_config(measures=tuple(reversed(canonical)))
+    assert everything.measures == canonical
     assert make_config(measures=("log_prior",)).key() != a.key()  # a different run stays one
 
 
@@ -54,10 +56,13 @@ def test_keys_of_configs_already_canonical_are_unchanged():
     # migration: the old key was sha256 of the sorted JSON as typed; for lists already in
     # canonical order (every shipped spec and default) it is the same key, so old stores resume
     from flatprior.experiments.specs import PRESETS, list_specs, resolve
-    from flatprior.pipeline import NON_KEY_FIELDS
+    from flatprior.pipeline import LATER_FIELDS, NON_KEY_FIELDS, RunConfig
 
     def old_key(cfg):
         d = cfg.model_dump(mode="json", exclude=set(NON_KEY_FIELDS))
+        for f in LATER_FIELDS:  # fields that did not exist then, at their default
+            if d[f] == RunConfig.model_fields[f].default:
+                del d[f]
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -362,11 +362,11 @@ def _result(task: Task, config: TrainConfig, rules: StopRules, stop: Stop | None
         message = message if stop is not None and stop.status == "collapsed" else ""
     first_loss, last_loss = history[0]["train_loss"], history[-1]["train_loss"]
     if status == "did_not_reach_zero_error" and last_loss > first_loss:
-        lr = "its default" if config.lr is None else f"{config.lr:g}"
+        lr = " at its default" if config.lr is None else f"={config.lr:g}"
         message = (  # training made the fit worse: a step-size problem, not too few epochs
             f"diverged: the training loss rose from {first_loss:.4g} before training to "
             f"{last_loss:.4g} after {config.max_epochs} epochs (train accuracy "
-            f"{history[-1]['train_acc']:.4f}); lower the learning rate (lr {lr})"
+            f"{history[-1]['train_acc']:.4f}); lower the learning rate (lr{lr})"
         )
     last = history[-1]
     return TrainResult(
