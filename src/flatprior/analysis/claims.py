@@ -133,7 +133,7 @@ def attack_claims(df: pd.DataFrame, *, n_boot: int, seed: int) -> list[Claim]:
     Runs of different systems are never pooled.
     """
     runs = attack_runs(df)
-    cols = [c for c in ("dataset", "model", "n_train") if c in runs]
+    cols = [c for c in ("dataset", "model", "n_train", "prior_method") if c in runs]
     if runs.empty or not cols:
         return [*claim_log_prior(runs, n_boot=n_boot, seed=seed),
                 *claim_sharpness(runs, n_boot=n_boot, seed=seed)]
@@ -142,6 +142,8 @@ def attack_claims(df: pd.DataFrame, *, n_boot: int, seed: int) -> list[Claim]:
         vals = vals if isinstance(vals, tuple) else (vals,)
         system = dict(zip(cols, vals, strict=True))
         tag = f"{system.get('dataset')} {system.get('model')} |S|={system.get('n_train')}"
+        if system.get("prior_method", "ep") != "ep":
+            tag += f", log P by {system['prior_method']}"
         for c in (*claim_log_prior(part, n_boot=n_boot, seed=seed),
                   *claim_sharpness(part, n_boot=n_boot, seed=seed)):
             c.id = f"{c.id} ({tag})"
@@ -222,6 +224,9 @@ def _contrast_claim(runs, other, measure, *, n_boot, seed) -> Claim:
         return _too_few(cid, text, stat, rule, 0, MIN_RUNS, "fig4 --preset paper")
     a = runs[runs["optimizer"] == "sgd"].assign(pair=lambda d: _pair_keys(d))
     b = runs[runs["optimizer"] == other].assign(pair=lambda d: _pair_keys(d))
+    # one run per pair on each side (a sweep repeated with other settings must not pair twice)
+    a = a.drop_duplicates("pair")
+    b = b.drop_duplicates("pair")
     both = sorted(set(a["pair"]) & set(b["pair"]))
     a = a.set_index("pair").loc[both]
     b = b.set_index("pair").loc[both]
@@ -275,6 +280,7 @@ def alpha_events(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
         after_epochs = [m for m in hist if m["epoch"] > ev["epoch"]]
         row = {
             "key": rec.get("key"), "alpha": cfg.get("alpha"), "alpha_layer": cfg.get("alpha_layer"),
+            "lr": cfg.get("lr"),
             "epoch": ev["epoch"], "measure": key,
             "ratio": (ev[key] / before[key]) if key and before.get(key) else _nan(),
             "d_log_prior": (abs(ev["log_prior"] - before["log_prior"])
@@ -305,7 +311,10 @@ def claim_alpha(records: Sequence[dict[str, Any]]) -> list[Claim]:
         return [_too_few("c", text, stat, rule, 0, MIN_ALPHA_RUNS,
                          "fig5 or figS9 (--preset paper; needs per-epoch sharpness and log_prior)")]
     out = []
-    for alpha, part in sorted(ev.groupby("alpha"), key=lambda t: t[0]):
+    ev["lr"] = ev["lr"].astype(object).where(ev["lr"].notna(), "default")
+    groups = sorted(ev.groupby(["alpha", "lr"]), key=lambda t: (t[0][0], str(t[0][1])))
+    several_lr = ev["lr"].nunique() > 1
+    for (alpha, lr), part in groups:
         part = part[part["ratio"].notna()]
         if part.empty:
             continue
@@ -327,7 +336,8 @@ def claim_alpha(records: Sequence[dict[str, Any]]) -> list[Claim]:
         else:
             verdict = HOLDS if bool(big.all() and unchanged.all()) else FAILS
         lo, hi = float(ratios.min()), float(ratios.max())
-        out.append(Claim(f"c/alpha={alpha:g}", f"{text} [alpha = {alpha:g}]", stat,
+        tag = f"alpha={alpha:g}" + (f", lr={lr}" if several_lr else "")
+        out.append(Claim(f"c/{tag}", f"{text} [{tag.replace('=', ' = ')}]", stat,
                          float(np.median(ratios)), lo, hi, len(part), rule, verdict, detail,
                          extra={"interval": "min-max over runs"}))
     return out
