@@ -128,25 +128,13 @@ class RunConfig(BaseModel):
                              "remove them from epoch_measures")
         return self
 
-    @field_validator("dataset")
+    @field_validator("dataset", "model", "optimizer")
     @classmethod
-    def _known_dataset(cls, v):
-        if v not in names.DATASETS:
-            raise ValueError(f"unknown dataset {v!r}; choose one of {list(names.DATASETS)}")
-        return v
-
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, v):
-        if v not in names.MODELS:
-            raise ValueError(f"unknown model {v!r}; choose one of {list(names.MODELS)}")
-        return v
-
-    @field_validator("optimizer")
-    @classmethod
-    def _known_optimizer(cls, v):
-        if v not in names.OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {v!r}; choose one of {sorted(names.OPTIMIZERS)}")
+    def _known_name(cls, v, info):
+        choices = {"dataset": names.DATASETS, "model": names.MODELS,
+                   "optimizer": names.OPTIMIZERS}[info.field_name]
+        if v not in choices:
+            raise ValueError(f"unknown {info.field_name} {v!r}; choose one of {list(choices)}")
         return v
 
     @model_validator(mode="after")
