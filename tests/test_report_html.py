@@ -136,7 +136,7 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     dom = p.stdout
     assert "fig4@quick: Attack-set sweep with Adam and Entropy-SGD" in dom
-    assert dom.count("<img") == 3 and "<table" in dom and "kendall" in dom
+    assert dom.count("<img") == 4 and "<table" in dom and "kendall" in dom
     shot = tmp_path / "shot.png"
     p = subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1200,1600",
                         out.as_uri()], capture_output=True, text=True, timeout=120)
