@@ -137,7 +137,7 @@ def attack_claims(df: pd.DataFrame, *, n_boot: int, seed: int) -> list[Claim]:
     if runs.empty or not cols:
         return [*claim_log_prior(runs, n_boot=n_boot, seed=seed),
                 *claim_sharpness(runs, n_boot=n_boot, seed=seed)]
-    out = []
+    out: list[Claim] = []
     for vals, part in runs.groupby(cols, sort=True):
         vals = vals if isinstance(vals, tuple) else (vals,)
         system = dict(zip(cols, vals, strict=True))
@@ -145,10 +145,12 @@ def attack_claims(df: pd.DataFrame, *, n_boot: int, seed: int) -> list[Claim]:
         if system.get("prior_method", "ep") != "ep":
             tag += f", log P by {system['prior_method']}"
         for c in (*claim_log_prior(part, n_boot=n_boot, seed=seed),
-                  *claim_sharpness(part, n_boot=n_boot, seed=seed)):
+                  *claim_sharpness(part, n_boot=n_boot, seed=seed, missing_contrast=False)):
             c.id = f"{c.id} ({tag})"
             c.extra["system"] = system
             out.append(c)
+    if not any(c.id.startswith("b/sgd-vs-") for c in out):  # no system has the contrast's runs
+        out.append(_contrast_claim(runs.iloc[0:0], "adam", "sharpness", n_boot=n_boot, seed=seed))
     return out
 
 
@@ -182,7 +184,7 @@ def _tau_claim(cid, text, stat, part, x, y, rule, *, upper_below_zero, n_boot, s
 
 
 def claim_sharpness(runs: pd.DataFrame, *, n_boot: int, seed: int,
-                    measure: str = "sharpness") -> list[Claim]:
+                    measure: str = "sharpness", missing_contrast: bool = True) -> list[Claim]:
     """(b) τ(sharpness, test error) > 0 for SGD, and τ_SGD − τ_other > 0 (paired bootstrap)."""
     out = []
     stat = f"Kendall tau({measure}, test error)"
@@ -202,7 +204,8 @@ def claim_sharpness(runs: pd.DataFrame, *, n_boot: int, seed: int,
             source="fig3 mnist-fcn --preset paper")
         out.append(c)
     present = set(runs["optimizer"].dropna()) if len(runs) else set()
-    for other in [o for o in CONTRAST_OPTIMIZERS if o in present] or ["adam"]:
+    others = [o for o in CONTRAST_OPTIMIZERS if o in present]
+    for other in others or (["adam"] if missing_contrast else []):
         out.append(_contrast_claim(runs, other, measure, n_boot=n_boot, seed=seed))
     return out
 
