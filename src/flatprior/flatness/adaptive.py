@@ -165,6 +165,114 @@ def _worst_chunk(prob: _Problem, c: Tensor, x: Tensor, y: Tensor, rho: float, no
     return base, max(best_f, base), halvings
 
 
+def _check_options(
+    model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor, rho: float, norm: str,
+    kind: str, m: int | None, n_iters: int, n_samples: int, n_restarts: int, rand_init: bool,
+    step_size_mult: float, confidence: float, eval_batch_size: int | None,
+) -> tuple[str, str, LossFn, int, int, int, int, int | None, int | None]:
+    """Validate and normalise the options of :func:`adaptive_sharpness`.
+
+    The checks run in a fixed order, so the first bad option is the one reported.
+
+    Returns:
+        ``(norm, kind, loss_fn, n, n_iters, n_samples, n_restarts, m, eval_batch_size)``: the
+        normalised options, ``loss_fn`` wrapped by ``align_targets`` and ``n`` the number of
+        examples.
+
+    Raises:
+        FlatpriorError: a bad option, empty data or a model that cannot take the inputs.
+    """
+    check_positive("rho", rho)
+    norm = check_choice("norm", norm, NORMS)
+    kind = check_choice("sharpness kind", kind, KINDS)
+    check_loss_fn(loss_fn)
+    loss_fn = align_targets(loss_fn)
+    n = check_data(inputs, targets, model)
+    n_iters = check_int("n_iters", n_iters)
+    n_samples = check_int("n_samples", n_samples, minimum=2)
+    n_restarts = check_int("n_restarts", n_restarts)
+    if n_restarts > 1 and not rand_init:
+        raise FlatpriorError("n_restarts > 1 needs rand_init=True (else every restart is equal)")
+    check_positive("step_size_mult", step_size_mult)
+    if not 0 < float(confidence) < 1:
+        raise FlatpriorError(f"confidence must be in (0, 1), got {confidence!r}")
+    if m is not None:
+        if kind != "worst":
+            raise FlatpriorError(
+                "m applies to kind='worst' only (the average case is linear in the loss, so "
+                "chunking changes nothing); pass m=None"
+            )
+        m = check_int("m", m)
+    if eval_batch_size is not None:
+        eval_batch_size = check_int("eval_batch_size", eval_batch_size)
+    return norm, kind, loss_fn, n, n_iters, n_samples, n_restarts, m, eval_batch_size
+
+
+def _worst_case(
+    prob: _Problem, c: Tensor, x: Tensor, y: Tensor, n: int, rho: float, norm: str,
+    m: int | None, n_iters: int, n_restarts: int, rand_init: bool, step_size_mult: float,
+    gen: torch.Generator, eval_bs: int | None,
+) -> tuple[float, float, int, int, int]:
+    """Worst-case sharpness: APGD maxima over the chunks of ``m`` examples, averaged.
+
+    With ``m`` set the examples are shuffled by ``gen`` (before any ascent) and cut into chunks
+    of ``min(m, n)``; otherwise one chunk holds the whole set in order. Each chunk runs
+    ``n_restarts`` ascents (sharing ``gen``) and keeps the largest maximum.
+
+    Returns:
+        ``(base, value, n_evals, n_chunks, step_halvings)``: the mean base loss over the chunks,
+        the mean increase, loss evaluations per chunk, the number of chunks and the APGD
+        step-size reductions summed over chunks and restarts.
+    """
+    halvings = 0
+    perm = torch.randperm(n, generator=gen) if m is not None else torch.arange(n)
+    size = n if m is None else min(m, n)
+    chunks = [perm[i:i + size] for i in range(0, n, size)]
+    bases, maxima = [], []
+    for idx in chunks:
+        best = -math.inf
+        for _ in range(n_restarts):
+            b, mx, h = _worst_chunk(prob, c, x[idx], y[idx], rho, norm, n_iters,
+                                    2 * rho * step_size_mult, rand_init, gen,
+                                    eval_bs)
+            best = max(best, mx)
+            halvings += h
+        bases.append(b)
+        maxima.append(best)
+    base = sum(bases) / len(bases)
+    value = sum(mx - b for mx, b in zip(maxima, bases, strict=True)) / len(bases)
+    return base, value, n_restarts * (n_iters + 1), len(chunks), halvings
+
+
+def _average_case(
+    prob: _Problem, c: Tensor, x: Tensor, y: Tensor, rho: float, norm: str, n_samples: int,
+    confidence: float, gen: torch.Generator, eval_bs: int | None,
+) -> tuple[float, float, float, tuple[float, float]]:
+    """Average-case sharpness: Monte-Carlo mean of the loss increase with a Student-t CI.
+
+    Draws ``u ~ N(0, rho^2 I)`` (l2) or ``U[-rho, rho]^p`` (linf) in float64 from ``gen``, one
+    draw per loss evaluation, and evaluates ``L(w + c * u) - L(w)`` on the whole set.
+
+    Returns:
+        ``(base, value, std_err, ci)``: ``L(w)``, the mean increase, its standard error and the
+        ``confidence`` interval of the mean.
+    """
+    from scipy import stats
+
+    base = prob.full_loss(torch.zeros_like(c), x, y, eval_bs)
+    diffs = torch.empty(n_samples, dtype=torch.float64)
+    for k in range(n_samples):
+        if norm == "l2":
+            u = torch.randn(c.numel(), generator=gen, dtype=torch.float64) * rho
+        else:
+            u = (2 * torch.rand(c.numel(), generator=gen, dtype=torch.float64) - 1) * rho
+        diffs[k] = prob.full_loss(c * u.to(c.dtype), x, y, eval_bs) - base
+    value = float(diffs.mean())
+    std_err = float(diffs.std(unbiased=True)) / math.sqrt(n_samples)
+    half = float(stats.t.ppf(0.5 + confidence / 2, df=n_samples - 1)) * std_err
+    return base, value, std_err, (value - half, value + half)
+
+
 def adaptive_sharpness(
     model: nn.Module,
     loss_fn: LossFn,
@@ -219,29 +327,10 @@ def adaptive_sharpness(
         FlatpriorError: bad option, empty data, a model that cannot take the inputs, or a
             non-finite loss.
     """
-    check_positive("rho", rho)
-    norm = check_choice("norm", norm, NORMS)
-    kind = check_choice("sharpness kind", kind, KINDS)
-    check_loss_fn(loss_fn)
-    loss_fn = align_targets(loss_fn)
-    n = check_data(inputs, targets, model)
-    n_iters = check_int("n_iters", n_iters)
-    n_samples = check_int("n_samples", n_samples, minimum=2)
-    n_restarts = check_int("n_restarts", n_restarts)
-    if n_restarts > 1 and not rand_init:
-        raise FlatpriorError("n_restarts > 1 needs rand_init=True (else every restart is equal)")
-    check_positive("step_size_mult", step_size_mult)
-    if not 0 < float(confidence) < 1:
-        raise FlatpriorError(f"confidence must be in (0, 1), got {confidence!r}")
-    if m is not None:
-        if kind != "worst":
-            raise FlatpriorError(
-                "m applies to kind='worst' only (the average case is linear in the loss, so "
-                "chunking changes nothing); pass m=None"
-            )
-        m = check_int("m", m)
-    if eval_batch_size is not None:
-        eval_batch_size = check_int("eval_batch_size", eval_batch_size)
+    norm, kind, loss_fn, n, n_iters, n_samples, n_restarts, m, eval_batch_size = _check_options(
+        model, loss_fn, inputs, targets, rho, norm, kind, m, n_iters, n_samples, n_restarts,
+        rand_init, step_size_mult, confidence, eval_batch_size,
+    )
     t0 = time.perf_counter()
     net = eval_copy(model, dtype)
     prob = _Problem(net, loss_fn, None, seed, 1.0)
@@ -252,38 +341,14 @@ def adaptive_sharpness(
     ci = std_err = None
     halvings = 0
     if kind == "worst":
-        perm = torch.randperm(n, generator=gen) if m is not None else torch.arange(n)
-        size = n if m is None else min(m, n)
-        chunks = [perm[i:i + size] for i in range(0, n, size)]
-        bases, maxima = [], []
-        for idx in chunks:
-            best = -math.inf
-            for _ in range(n_restarts):
-                b, mx, h = _worst_chunk(prob, c, x[idx], y[idx], rho, norm, n_iters,
-                                        2 * rho * step_size_mult, rand_init, gen,
-                                        eval_batch_size)
-                best = max(best, mx)
-                halvings += h
-            bases.append(b)
-            maxima.append(best)
-        base = sum(bases) / len(bases)
-        value = sum(mx - b for mx, b in zip(maxima, bases, strict=True)) / len(bases)
-        n_evals, n_chunks = n_restarts * (n_iters + 1), len(chunks)
+        base, value, n_evals, n_chunks, halvings = _worst_case(
+            prob, c, x, y, n, rho, norm, m, n_iters, n_restarts, rand_init, step_size_mult, gen,
+            eval_batch_size,
+        )
     else:
-        from scipy import stats
-
-        base = prob.full_loss(torch.zeros_like(c), x, y, eval_batch_size)
-        diffs = torch.empty(n_samples, dtype=torch.float64)
-        for k in range(n_samples):
-            if norm == "l2":
-                u = torch.randn(c.numel(), generator=gen, dtype=torch.float64) * rho
-            else:
-                u = (2 * torch.rand(c.numel(), generator=gen, dtype=torch.float64) - 1) * rho
-            diffs[k] = prob.full_loss(c * u.to(c.dtype), x, y, eval_batch_size) - base
-        value = float(diffs.mean())
-        std_err = float(diffs.std(unbiased=True)) / math.sqrt(n_samples)
-        half = float(stats.t.ppf(0.5 + confidence / 2, df=n_samples - 1)) * std_err
-        ci = (value - half, value + half)
+        base, value, std_err, ci = _average_case(
+            prob, c, x, y, rho, norm, n_samples, confidence, gen, eval_batch_size,
+        )
         n_evals, n_chunks = n_samples, 1
     if not return_details:
         return value

@@ -113,6 +113,112 @@ def _bracket(f: Callable[[float], float], s0: float, max_doublings: int) -> tupl
     )
 
 
+def _check_options(
+    model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor, target: float,
+    metric: str, n_samples: int, sigma0: float, rtol: float, mag_eps: float, confidence: float,
+    eval_batch_size: int | None,
+) -> tuple[str, LossFn, int, int | None]:
+    """Validate and normalise the options of :func:`pac_bayes_flatness`.
+
+    The checks run in a fixed order, so the first bad option is the one reported.
+
+    Returns:
+        ``(metric, loss_fn, n_samples, eval_batch_size)``: the normalised options, ``loss_fn``
+        wrapped by ``align_targets``.
+
+    Raises:
+        FlatpriorError: a bad option, empty data or a model that cannot take the inputs.
+    """
+    check_positive("target", target)
+    check_positive("sigma0", sigma0)
+    check_positive("rtol", rtol)
+    check_positive("mag_eps", mag_eps, allow_zero=True)
+    metric = check_choice("metric", metric, METRICS)
+    check_loss_fn(loss_fn)
+    loss_fn = align_targets(loss_fn)
+    check_data(inputs, targets, model)
+    n_samples = check_int("n_samples", n_samples, minimum=2)
+    if not 0 < float(confidence) < 1:
+        raise FlatpriorError(f"confidence must be in (0, 1), got {confidence!r}")
+    if eval_batch_size is not None:
+        eval_batch_size = check_int("eval_batch_size", eval_batch_size)
+    return metric, loss_fn, n_samples, eval_batch_size
+
+
+def _measure(metric: str, loss_fn: LossFn) -> LossFn:
+    """The quantity ``M`` whose expected rise is bounded.
+
+    ``metric="loss"`` returns ``loss_fn`` itself; ``metric="error"`` returns the 0-1 error of a
+    one-logit binary classifier (``logit > 0`` vs a 0/1 target), which raises
+    :class:`FlatpriorError` when called on logits with more than one column.
+    """
+    if metric == "error":
+        def zero_one(logits: Tensor, t: Tensor) -> Tensor:
+            if logits.ndim > 1 and logits.shape[-1] != 1:
+                raise FlatpriorError("metric='error' needs a one-logit binary classifier")
+            return ((logits.reshape(-1) > 0).to(logits.dtype) != t.reshape(-1)).to(
+                logits.dtype).mean()
+        return zero_one
+    return loss_fn
+
+
+def _rise_estimator(
+    prob: _Problem, x: Tensor, y: Tensor, base: float, z: Tensor, w2: Tensor,
+    magnitude_aware: bool, mag_eps: float, n_samples: int, eval_bs: int | None,
+    cache: dict[float, tuple[float, float]],
+) -> Callable[[float], tuple[float, float]]:
+    """The memoised Monte-Carlo estimate of the rise as a function of ``sigma``.
+
+    Every ``sigma`` reuses the same standard normals ``z`` (common random numbers). Results are
+    stored in ``cache`` (keyed by ``sigma``), whose size is the number of ``sigma`` evaluated.
+    """
+
+    def rise(sigma: float) -> tuple[float, float]:
+        """(mean, standard error) of ``M(w + s(sigma) z_k) - M(w)`` over the draws."""
+        if sigma not in cache:
+            if magnitude_aware:
+                s = torch.sqrt(sigma**2 * w2 + mag_eps**2).to(prob.dtype)
+            else:
+                s = torch.full_like(prob.w0, sigma)
+            d = torch.tensor([prob.full_loss(s * zk, x, y, eval_bs) - base for zk in z],
+                             dtype=torch.float64)
+            cache[sigma] = (float(d.mean()), float(d.std(unbiased=True)) / math.sqrt(n_samples))
+        return cache[sigma]
+
+    return rise
+
+
+def _sigma_ci(
+    curve: Callable[[float], Callable[[float], float]], sigma: float, t_q: float, rtol: float,
+) -> tuple[float, float]:
+    """Confidence interval ``(s_lo, s_hi)`` of ``sigma'`` by bracketing and bisection.
+
+    ``curve(k)`` is ``mean + k * se - target`` as a function of ``sigma``. The upper confidence
+    curve (``k = t_q``) crosses first (smaller sigma), the lower one (``k = -t_q``) later; both
+    searches start from the point estimate ``sigma``, upper curve first.
+    """
+    s_lo = _root_log_bisect(curve(t_q), *_bracket(curve(t_q), sigma, 60), rtol)
+    s_hi = _root_log_bisect(curve(-t_q), *_bracket(curve(-t_q), sigma, 60), rtol)
+    return s_lo, s_hi
+
+
+def _details(
+    sigma: float, s_lo: float, s_hi: float, mean: float, se: float, t_q: float, base: float,
+    metric: str, target: float, magnitude_aware: bool, n_samples: int, n_evals: int,
+    t0: float,
+) -> PacBayesFlatnessResult:
+    """Assemble the :class:`PacBayesFlatnessResult`.
+
+    ``(mean, se)`` is the rise estimate at ``sigma``; ``t0`` the ``perf_counter`` start time.
+    """
+    return PacBayesFlatnessResult(
+        value=1.0 / sigma**2, value_ci=(1.0 / s_hi**2, 1.0 / s_lo**2), sigma=sigma,
+        sigma_ci=(s_lo, s_hi), increase=mean, increase_ci=(mean - t_q * se, mean + t_q * se),
+        base=base, metric=metric, target=float(target), magnitude_aware=bool(magnitude_aware),
+        n_samples=n_samples, n_evals=n_evals, wall_time_s=time.perf_counter() - t0,
+    )
+
+
 def pac_bayes_flatness(
     model: nn.Module,
     loss_fn: LossFn,
@@ -160,33 +266,15 @@ def pac_bayes_flatness(
     Raises:
         FlatpriorError: bad options or data, or a target the curve never crosses.
     """
-    check_positive("target", target)
-    check_positive("sigma0", sigma0)
-    check_positive("rtol", rtol)
-    check_positive("mag_eps", mag_eps, allow_zero=True)
-    metric = check_choice("metric", metric, METRICS)
-    check_loss_fn(loss_fn)
-    loss_fn = align_targets(loss_fn)
-    check_data(inputs, targets, model)
-    n_samples = check_int("n_samples", n_samples, minimum=2)
-    if not 0 < float(confidence) < 1:
-        raise FlatpriorError(f"confidence must be in (0, 1), got {confidence!r}")
-    if eval_batch_size is not None:
-        eval_batch_size = check_int("eval_batch_size", eval_batch_size)
+    metric, loss_fn, n_samples, eval_batch_size = _check_options(
+        model, loss_fn, inputs, targets, target, metric, n_samples, sigma0, rtol, mag_eps,
+        confidence, eval_batch_size,
+    )
     from scipy import stats
 
     t0 = time.perf_counter()
     net = eval_copy(model, dtype)
-    if metric == "error":
-        def zero_one(logits: Tensor, t: Tensor) -> Tensor:
-            if logits.ndim > 1 and logits.shape[-1] != 1:
-                raise FlatpriorError("metric='error' needs a one-logit binary classifier")
-            return ((logits.reshape(-1) > 0).to(logits.dtype) != t.reshape(-1)).to(
-                logits.dtype).mean()
-        measure: LossFn = zero_one
-    else:
-        measure = loss_fn
-    prob = _Problem(net, measure, None, seed, 1.0)
+    prob = _Problem(net, _measure(metric, loss_fn), None, seed, 1.0)
     x, y = cast_data(inputs, targets, prob.dtype, prob.w0.device)
     base = prob.full_loss(torch.zeros_like(prob.w0), x, y, eval_batch_size)
     gen = torch.Generator().manual_seed(seed)
@@ -194,18 +282,8 @@ def pac_bayes_flatness(
     w2 = prob.w0.double() ** 2
     t_q = float(stats.t.ppf(0.5 + confidence / 2, df=n_samples - 1))
     cache: dict[float, tuple[float, float]] = {}
-
-    def rise(sigma: float) -> tuple[float, float]:
-        """(mean, standard error) of ``M(w + s(sigma) z_k) - M(w)`` over the draws."""
-        if sigma not in cache:
-            if magnitude_aware:
-                s = torch.sqrt(sigma**2 * w2 + mag_eps**2).to(prob.dtype)
-            else:
-                s = torch.full_like(prob.w0, sigma)
-            d = torch.tensor([prob.full_loss(s * zk, x, y, eval_batch_size) - base for zk in z],
-                             dtype=torch.float64)
-            cache[sigma] = (float(d.mean()), float(d.std(unbiased=True)) / math.sqrt(n_samples))
-        return cache[sigma]
+    rise = _rise_estimator(prob, x, y, base, z, w2, magnitude_aware, mag_eps, n_samples,
+                           eval_batch_size, cache)
 
     def curve(k: float) -> Callable[[float], float]:
         return lambda s: rise(s)[0] + k * rise(s)[1] - target
@@ -214,13 +292,7 @@ def pac_bayes_flatness(
     sigma = _root_log_bisect(curve(0.0), lo, hi, rtol)
     if not return_details:
         return 1.0 / sigma**2
-    # the upper confidence curve crosses first (smaller sigma), the lower one later
-    s_lo = _root_log_bisect(curve(t_q), *_bracket(curve(t_q), sigma, 60), rtol)
-    s_hi = _root_log_bisect(curve(-t_q), *_bracket(curve(-t_q), sigma, 60), rtol)
+    s_lo, s_hi = _sigma_ci(curve, sigma, t_q, rtol)
     mean, se = rise(sigma)
-    return PacBayesFlatnessResult(
-        value=1.0 / sigma**2, value_ci=(1.0 / s_hi**2, 1.0 / s_lo**2), sigma=sigma,
-        sigma_ci=(s_lo, s_hi), increase=mean, increase_ci=(mean - t_q * se, mean + t_q * se),
-        base=base, metric=metric, target=float(target), magnitude_aware=bool(magnitude_aware),
-        n_samples=n_samples, n_evals=len(cache), wall_time_s=time.perf_counter() - t0,
-    )
+    return _details(sigma, s_lo, s_hi, mean, se, t_q, base, metric, target, magnitude_aware,
+                    n_samples, len(cache), t0)
