@@ -132,20 +132,8 @@ def run_ensemble(cfgs: list[dict[str, Any]], *, memory_budget: int = DEFAULT_MEM
 
     Failed members get a ``failed`` record with the error the per-run path would raise.
     """
-    import torch
-
-    from flatprior.flatness.batched import batched_hessian_spectral_norm, batched_keskar_sharpness
-    from flatprior.pipeline import (
-        _jsonable,
-        build_model,
-        build_task,
-        kernel_of,
-        make_config,
-        train_record,
-    )
-    from flatprior.prior import pac_bayes_bound
-    from flatprior.prior.api import log_prior_distinct
-    from flatprior.train import predict, train_ensemble
+    from flatprior.pipeline import build_model, make_config, train_record
+    from flatprior.train import train_ensemble
 
     t_start = time.perf_counter()
     runs = [make_config(**c) if isinstance(c, dict) else c for c in cfgs]
@@ -156,13 +144,7 @@ def run_ensemble(cfgs: list[dict[str, Any]], *, memory_budget: int = DEFAULT_MEM
             "settings or unsupported options); run them with --ensemble off"
         )
     cfg0 = runs[0]
-    task_cache: dict[tuple, Any] = {}
-    tasks = []
-    for c in runs:
-        sig = _task_signature(c)
-        if sig not in task_cache:
-            task_cache[sig] = build_task(c)
-        tasks.append(task_cache[sig])
+    tasks = _build_tasks(runs)
     models = [build_model(c, t.input_shape) for c, t in zip(runs, tasks, strict=True)]
     outs = train_ensemble(models, tasks, cfg0.train_config(), [c.seed for c in runs],
                           memory_budget=memory_budget)
@@ -175,68 +157,164 @@ def run_ensemble(cfgs: list[dict[str, Any]], *, memory_budget: int = DEFAULT_MEM
         records[i]["train_time_s"] = t_train / len(runs)
     which = cfg0.measures
     if ok and "sharpness" in which:
-        t0 = time.perf_counter()
-        res = _chunked(ok, models, memory_budget, lambda idx: batched_keskar_sharpness(
-            [models[i] for i in idx], [tasks[i].x_train for i in idx],
-            [tasks[i].y_train for i in idx], cfg0.sharpness_eps, epochs=cfg0.sharpness_epochs,
-            seeds=[runs[i].seed for i in idx]))
-        dt = (time.perf_counter() - t0) / len(ok)
-        for i, (value, steps) in zip(ok, res, strict=True):
-            records[i].update(sharpness=value, sharpness_method="sgd",
-                              sharpness_eps=float(cfg0.sharpness_eps), sharpness_steps=steps,
-                              sharpness_time_s=dt)
+        _measure_sharpness(ok, runs, tasks, models, records, memory_budget)
     if ok and "spectral_norm" in which:
-        t0 = time.perf_counter()
-        res = _chunked(ok, models, memory_budget, lambda idx: batched_hessian_spectral_norm(
-            [models[i] for i in idx], [tasks[i].x_train for i in idx],
-            [tasks[i].y_train for i in idx], seeds=[runs[i].seed for i in idx]).tolist(),
-            lanczos=True)
-        dt = (time.perf_counter() - t0) / len(ok)
-        for i, v in zip(ok, res, strict=True):
-            records[i].update(spectral_norm=v, spectral_norm_time_s=dt)
+        _measure_spectral_norm(ok, runs, tasks, models, records, memory_budget)
     if ok and ("log_prior" in which or "pac_bayes" in which):
-        # one kernel per distinct X = S ∪ E, one estimate per distinct function on it
-        # (for one seed S and E do not depend on n_attack: fig3's 55 runs have 5 kernels)
-        by_x: dict[bytes, list[int]] = defaultdict(list)
-        xs = {}
-        for i in ok:
-            x = torch.cat([tasks[i].x_train, tasks[i].x_test])
-            h = hashlib.sha256(x.numpy().tobytes()).digest() + bytes(str(tuple(x.shape)), "ascii")
-            by_x[h].append(i)
-            xs[h] = x
-        for h, idx in by_x.items():
-            task = tasks[idx[0]]
-            t0 = time.perf_counter()
-            x = xs[h]
-            K = kernel_of(x, cfg0)
-            dt_k = (time.perf_counter() - t0) / len(idx)
-            for i in idx:
-                records[i]["kernel_time_s"] = dt_k
-            if "log_prior" in which:
-                t0 = time.perf_counter()
-                labels = torch.stack([predict(models[i], x) for i in idx])
-                results, _ = log_prior_distinct(K, labels, method=cfg0.prior_method)
-                dt = (time.perf_counter() - t0) / len(idx)
-                for i, r in zip(idx, results, strict=True):
-                    rec = records[i]
-                    rec["log_prior"] = float(r.log_prob)
-                    rec["log_prior_converged"] = bool(getattr(r, "converged", True))
-                    for name in ("std_err", "ci_low", "ci_high"):
-                        if getattr(r, name, None) is not None:
-                            rec[f"log_prior_{name}"] = float(getattr(r, name))
-                    rec["log_prior_time_s"] = dt
-            if "pac_bayes" in which:
-                t0 = time.perf_counter()
-                m = len(task.y_train)
-                # one estimate per distinct true labelling of S (Boolean targets may differ)
-                ys = torch.stack([tasks[i].y_train for i in idx])
-                results, _ = log_prior_distinct(K[:m, :m], ys, method=cfg0.prior_method)
-                dt = (time.perf_counter() - t0) / len(idx)
-                for i, r in zip(idx, results, strict=True):
-                    bound = float(pac_bayes_bound(r.log_prob, m, cfg0.pac_bayes_delta))
-                    records[i].update(log_p_train=float(r.log_prob), pac_bayes_bound=bound,
-                                      pac_bayes_time_s=dt)
-    wall = (time.perf_counter() - t_start) / len(runs)
+        _measure_prior(ok, cfg0, tasks, models, records)
+    return _final_records(outs, records, (time.perf_counter() - t_start) / len(runs))
+
+
+def _build_tasks(runs: list) -> list:
+    """Build each run's task, once per distinct task signature.
+
+    Args:
+        runs: the members' run configs.
+
+    Returns:
+        One task per run (shared objects for equal signatures).
+    """
+    from flatprior.pipeline import build_task
+
+    task_cache: dict[tuple, Any] = {}
+    tasks = []
+    for c in runs:
+        sig = _task_signature(c)
+        if sig not in task_cache:
+            task_cache[sig] = build_task(c)
+        tasks.append(task_cache[sig])
+    return tasks
+
+
+def _measure_sharpness(ok: list[int], runs: list, tasks: list, models: list, records: list,
+                       memory_budget: int) -> None:
+    """Add the batched Keskar sharpness of the members ``ok`` to their records.
+
+    The time is the batched measure's wall time divided by the members.
+    """
+    from flatprior.flatness.batched import batched_keskar_sharpness
+
+    cfg0 = runs[0]
+    t0 = time.perf_counter()
+    res = _chunked(ok, models, memory_budget, lambda idx: batched_keskar_sharpness(
+        [models[i] for i in idx], [tasks[i].x_train for i in idx],
+        [tasks[i].y_train for i in idx], cfg0.sharpness_eps, epochs=cfg0.sharpness_epochs,
+        seeds=[runs[i].seed for i in idx]))
+    dt = (time.perf_counter() - t0) / len(ok)
+    for i, (value, steps) in zip(ok, res, strict=True):
+        records[i].update(sharpness=value, sharpness_method="sgd",
+                          sharpness_eps=float(cfg0.sharpness_eps), sharpness_steps=steps,
+                          sharpness_time_s=dt)
+
+
+def _measure_spectral_norm(ok: list[int], runs: list, tasks: list, models: list, records: list,
+                           memory_budget: int) -> None:
+    """Add the batched Hessian spectral norm of the members ``ok`` to their records.
+
+    The time is the batched measure's wall time divided by the members.
+    """
+    from flatprior.flatness.batched import batched_hessian_spectral_norm
+
+    t0 = time.perf_counter()
+    res = _chunked(ok, models, memory_budget, lambda idx: batched_hessian_spectral_norm(
+        [models[i] for i in idx], [tasks[i].x_train for i in idx],
+        [tasks[i].y_train for i in idx], seeds=[runs[i].seed for i in idx]).tolist(),
+        lanczos=True)
+    dt = (time.perf_counter() - t0) / len(ok)
+    for i, v in zip(ok, res, strict=True):
+        records[i].update(spectral_norm=v, spectral_norm_time_s=dt)
+
+
+def _measure_prior(ok: list[int], cfg0, tasks: list, models: list, records: list) -> None:
+    """Add log P(f) and/or the PAC-Bayes bound of the members ``ok`` to their records.
+
+    One kernel per distinct X = S ∪ E, one estimate per distinct function on it (for one seed S
+    and E do not depend on n_attack: fig3's 55 runs have 5 kernels).
+    """
+    import torch
+
+    from flatprior.pipeline import kernel_of
+
+    which = cfg0.measures
+    by_x: dict[bytes, list[int]] = defaultdict(list)
+    xs = {}
+    for i in ok:
+        x = torch.cat([tasks[i].x_train, tasks[i].x_test])
+        h = hashlib.sha256(x.numpy().tobytes()).digest() + bytes(str(tuple(x.shape)), "ascii")
+        by_x[h].append(i)
+        xs[h] = x
+    for h, idx in by_x.items():
+        task = tasks[idx[0]]
+        t0 = time.perf_counter()
+        x = xs[h]
+        K = kernel_of(x, cfg0)
+        dt_k = (time.perf_counter() - t0) / len(idx)
+        for i in idx:
+            records[i]["kernel_time_s"] = dt_k
+        if "log_prior" in which:
+            _log_prior_on(K, x, idx, cfg0, models, records)
+        if "pac_bayes" in which:
+            _pac_bayes_on(K, len(task.y_train), idx, cfg0, tasks, records)
+
+
+def _log_prior_on(K, x, idx: list[int], cfg0, models: list, records: list) -> None:
+    """Add log P(f) of the members ``idx`` (one shared input set ``x``, kernel ``K``).
+
+    One estimate per distinct function the members compute on ``x``.
+    """
+    import torch
+
+    from flatprior.prior.api import log_prior_distinct
+    from flatprior.train import predict
+
+    t0 = time.perf_counter()
+    labels = torch.stack([predict(models[i], x) for i in idx])
+    results, _ = log_prior_distinct(K, labels, method=cfg0.prior_method)
+    dt = (time.perf_counter() - t0) / len(idx)
+    for i, r in zip(idx, results, strict=True):
+        rec = records[i]
+        rec["log_prior"] = float(r.log_prob)
+        rec["log_prior_converged"] = bool(getattr(r, "converged", True))
+        for name in ("std_err", "ci_low", "ci_high"):
+            if getattr(r, name, None) is not None:
+                rec[f"log_prior_{name}"] = float(getattr(r, name))
+        rec["log_prior_time_s"] = dt
+
+
+def _pac_bayes_on(K, m: int, idx: list[int], cfg0, tasks: list, records: list) -> None:
+    """Add log P(train labels) and the PAC-Bayes bound of the members ``idx``.
+
+    One estimate per distinct true labelling of S (Boolean targets may differ), on the
+    kernel's first ``m`` rows and columns (S).
+    """
+    import torch
+
+    from flatprior.prior import pac_bayes_bound
+    from flatprior.prior.api import log_prior_distinct
+
+    t0 = time.perf_counter()
+    ys = torch.stack([tasks[i].y_train for i in idx])
+    results, _ = log_prior_distinct(K[:m, :m], ys, method=cfg0.prior_method)
+    dt = (time.perf_counter() - t0) / len(idx)
+    for i, r in zip(idx, results, strict=True):
+        bound = float(pac_bayes_bound(r.log_prob, m, cfg0.pac_bayes_delta))
+        records[i].update(log_p_train=float(r.log_prob), pac_bayes_bound=bound,
+                          pac_bayes_time_s=dt)
+
+
+def _final_records(outs: list, records: list, wall: float) -> list[dict[str, Any]]:
+    """Assemble the output: history and wall time on each record, ``failed`` records for errors.
+
+    Args:
+        outs: the members' training outcomes.
+        records: the members' records (``None`` for failed members).
+        wall: the ensemble's wall time per member.
+
+    Returns:
+        One JSON-able record per member, in order.
+    """
+    from flatprior.pipeline import _jsonable
+
     out = []
     for i, o in enumerate(outs):
         if o.error is not None:

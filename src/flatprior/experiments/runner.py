@@ -302,16 +302,7 @@ def run_sweep(
     use_ensembles = ensemble == "auto" and run_fn is None
     run_fn = run_fn or default_run_fn
     configs = list(configs)
-    stored = store.statuses()
-    todo, skipped, by_key = [], [], {}
-    for cfg in configs:
-        key = cfg.key()
-        st = stored.get(key)
-        if st is None or (retry_failed and st == FAILED):
-            todo.append((key, cfg.model_dump(mode="json")))
-            by_key[key] = cfg
-        else:
-            skipped.append(key)
+    todo, skipped, by_key = _pending(configs, store.statuses(), retry_failed)
     store.set_spec(label, info or {"label": label})
     store.add_members(label, skipped)
     summary = SweepSummary(label, len(configs), len(skipped), 0, 0, 0.0)
@@ -339,14 +330,7 @@ def run_sweep(
     n = workers if workers is not None else (os.cpu_count() or 1)
     if scheduler is None and n < 1:
         raise FlatpriorError(f"--workers must be >= 1, got {n}")
-    if use_ensembles:
-        from flatprior.experiments.ensemble import plan
-
-        groups = plan([(k, by_key[k]) for k, _ in todo], n)
-        dumped = dict(todo)
-        items = [([(k, dumped[k]) for k, _ in g], len(g) > 1) for g in groups]
-    else:
-        items = [([t], False) for t in todo]
+    items = _work_items(todo, by_key, n, use_ensembles)
     with prog:
         if scheduler is not None:
             _run_dask(items, run_fn, scheduler, take, connect_timeout)
@@ -359,6 +343,52 @@ def run_sweep(
                 _run_pool(items, run_fn, n, take)
     summary.wall_time_s = time.perf_counter() - t0
     return summary
+
+
+def _pending(configs: list, stored: dict[str, str], retry_failed: bool
+             ) -> tuple[list[tuple[str, dict[str, Any]]], list[str], dict[str, Any]]:
+    """Split the configs into those to run and those already stored.
+
+    Args:
+        configs: the sweep's run configs.
+        stored: the store's status per key.
+        retry_failed: also run keys stored with status ``failed``.
+
+    Returns:
+        The ``(key, dumped config)`` pairs to run, the skipped keys, and the config per key to run.
+    """
+    todo, skipped, by_key = [], [], {}
+    for cfg in configs:
+        key = cfg.key()
+        st = stored.get(key)
+        if st is None or (retry_failed and st == FAILED):
+            todo.append((key, cfg.model_dump(mode="json")))
+            by_key[key] = cfg
+        else:
+            skipped.append(key)
+    return todo, skipped, by_key
+
+
+def _work_items(todo: list[tuple[str, dict[str, Any]]], by_key: dict[str, Any], n: int,
+                use_ensembles: bool) -> list[tuple[list[tuple[str, dict[str, Any]]], bool]]:
+    """Group the runs into work items: ensembles of compatible runs, or one run each.
+
+    Args:
+        todo: the ``(key, dumped config)`` pairs to run.
+        by_key: the config object per key.
+        n: the number of workers (the ensemble planner spreads the groups over them).
+        use_ensembles: group compatible runs (else one run per item).
+
+    Returns:
+        ``(runs, is_ensemble)`` per work item.
+    """
+    if not use_ensembles:
+        return [([t], False) for t in todo]
+    from flatprior.experiments.ensemble import plan
+
+    groups = plan([(k, by_key[k]) for k, _ in todo], n)
+    dumped = dict(todo)
+    return [([(k, dumped[k]) for k, _ in g], len(g) > 1) for g in groups]
 
 
 def _run_pool(items, run_fn: RunFn, n: int, take) -> None:

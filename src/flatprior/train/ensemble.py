@@ -463,84 +463,259 @@ def train_ensemble(
 
 def _train_chunk(models, tasks, config: TrainConfig, seeds, backend: str,
                  on_finished: Callable) -> list[EnsembleOutcome]:
-    t_start = time.perf_counter()
-    M = len(models)
-    base = models[0]
-    names = [n for n, _ in base.named_parameters()]
-    dtype = next(base.parameters()).dtype
-    params = stack_parameters(models)
-    forward = stacked_forward(base, backend)
-    opt = _StackedOptimizer(config.optimizer, params, config.lr, dict(config.optimizer_kwargs))
-    full_batch = OPTIMIZERS[config.optimizer].full_batch
+    """Train one chunk of members together until each has stopped.
 
-    pool = _Pool()
-    fit_rows, tr_rows, at_rows, te_rows = [], [], [], []
-    for t in tasks:
-        tr, at = pool.add(t.x_train, t.y_train), pool.add(t.x_attack, t.y_attack)
-        te = pool.add(t.x_test, t.y_test) if config.track_test else torch.zeros(0, dtype=torch.long)
-        tr_rows.append(tr)
-        at_rows.append(at)
-        te_rows.append(te)
-        fit_rows.append(torch.cat([tr, at]))
-    x_all, y_all = pool.tables(dtype)
-    n_fit = torch.tensor([len(r) for r in fit_rows])
-    batch = torch.tensor([int(n) if full_batch else min(config.batch_size, int(n)) for n in n_fit])
-    steps = [(int(n) + int(b) - 1) // int(b) for n, b in zip(n_fit, batch, strict=True)]
-    B = int(batch.max())
-    ragged = len(set(n_fit.tolist())) > 1 or len(set(batch.tolist())) > 1
-    fit_idx, _, _ = _pad_rows(fit_rows)
-    ev = {name: _pad_rows(rows) for name, rows in
-          (("train", tr_rows), ("attack", at_rows), ("test", te_rows))}
-    # every split of a member is one contiguous block of the pool, often shared (one S for all
-    # members of a seed): evaluate block by block, the first layer as ONE matmul against the
-    # weights of all members on that block, without a per-member copy of the inputs
-    blocks = {name: [(int(r[0]), len(r)) if len(r) else None for r in rows] for name, rows in
-              (("train", tr_rows), ("attack", at_rows), ("test", te_rows))}
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
-    mean = config.loss_reduction == "mean"
+    See :class:`_ChunkTrainer` for the steps; returns one outcome per member, in order.
+    """
+    return _ChunkTrainer(models, tasks, config, seeds, backend, on_finished).run()
 
-    # per-member bookkeeping (index = original member number)
-    history: list[list[dict[str, Any]]] = [[] for _ in range(M)]
-    zero_epoch: list[int | None] = [None] * M
-    cap = [config.max_epochs] * M
-    streak = [0] * M
-    outcomes: list[EnsembleOutcome | None] = [None] * M
-    alive = torch.arange(M)  # members still training, in stacked order
+
+class _ChunkTrainer:
+    """The training loop of one chunk: stacked parameters, per-member data, stops and records.
+
+    Set-up stacks the members' parameters and indexes all their splits into one row pool; each
+    epoch draws every live member's batch order, takes the batched steps, measures, decides who
+    stops (zero error + overtraining, collapse, cap, non-finite loss) and drops those members
+    from the stacked tensors after writing their weights back to their models.
+    """
+
+    def __init__(self, models, tasks, config: TrainConfig, seeds, backend: str,
+                 on_finished: Callable) -> None:
+        """Stack the parameters, build the optimizer, the row pool and the bookkeeping.
+
+        Args:
+            models: the members' models (one architecture); trained weights are written back.
+            tasks: one task per member.
+            config: the shared training configuration.
+            seeds: one batch-order seed per member.
+            backend: the stacked forward path (``"bmm"``, ``"vmap"`` or ``"loop"``).
+            on_finished: called with (member number, outcome) as each member stops.
+        """
+        self.t_start = time.perf_counter()
+        self.models, self.tasks, self.config = models, tasks, config
+        self.backend, self.on_finished = backend, on_finished
+        M = len(models)
+        base = models[0]
+        self.names = [n for n, _ in base.named_parameters()]
+        self.dtype = next(base.parameters()).dtype
+        self.params = stack_parameters(models)
+        self.forward = stacked_forward(base, backend)
+        self.opt = _StackedOptimizer(config.optimizer, self.params, config.lr,
+                                     dict(config.optimizer_kwargs))
+        self.full_batch = OPTIMIZERS[config.optimizer].full_batch
+        self._index_rows()
+        self.gens = [torch.Generator().manual_seed(s) for s in seeds]
+        self.mean = config.loss_reduction == "mean"
+
+        # per-member bookkeeping (index = original member number)
+        self.history: list[list[dict[str, Any]]] = [[] for _ in range(M)]
+        self.zero_epoch: list[int | None] = [None] * M
+        self.cap = [config.max_epochs] * M
+        self.streak = [0] * M
+        self.outcomes: list[EnsembleOutcome | None] = [None] * M
+        self.alive = torch.arange(M)  # members still training, in stacked order
+
+    def _index_rows(self) -> None:
+        """Put every member's splits into one row pool; derive batch sizes and step counts.
+
+        Sets the pooled tables ``x_all``/``y_all``, the padded fit and evaluation indices, the
+        per-member batch sizes and steps per epoch, and the contiguous pool block of each split.
+        """
+        config = self.config
+        pool = _Pool()
+        fit_rows, tr_rows, at_rows, te_rows = [], [], [], []
+        for t in self.tasks:
+            tr, at = pool.add(t.x_train, t.y_train), pool.add(t.x_attack, t.y_attack)
+            te = (pool.add(t.x_test, t.y_test) if config.track_test
+                  else torch.zeros(0, dtype=torch.long))
+            tr_rows.append(tr)
+            at_rows.append(at)
+            te_rows.append(te)
+            fit_rows.append(torch.cat([tr, at]))
+        self.x_all, self.y_all = pool.tables(self.dtype)
+        self.n_fit = n_fit = torch.tensor([len(r) for r in fit_rows])
+        self.batch = batch = torch.tensor([int(n) if self.full_batch
+                                           else min(config.batch_size, int(n)) for n in n_fit])
+        self.steps = [(int(n) + int(b) - 1) // int(b) for n, b in zip(n_fit, batch, strict=True)]
+        self.B = int(batch.max())
+        self.ragged = len(set(n_fit.tolist())) > 1 or len(set(batch.tolist())) > 1
+        self.fit_idx, _, _ = _pad_rows(fit_rows)
+        self.ev = {name: _pad_rows(rows) for name, rows in
+                   (("train", tr_rows), ("attack", at_rows), ("test", te_rows))}
+        # every split of a member is one contiguous block of the pool, often shared (one S for all
+        # members of a seed): evaluate block by block, the first layer as ONE matmul against the
+        # weights of all members on that block, without a per-member copy of the inputs
+        self.blocks = {name: [(int(r[0]), len(r)) if len(r) else None for r in rows]
+                       for name, rows in
+                       (("train", tr_rows), ("attack", at_rows), ("test", te_rows))}
+
+    def run(self) -> list[EnsembleOutcome]:
+        """Measure at epoch 0, then train epoch by epoch until no member is left.
+
+        Returns:
+            The outcome of every member, in member order.
+        """
+        for m, met in zip(self.alive.tolist(), self.measure(0, 0.0), strict=True):
+            self.history[m].append(met)
+        epoch = 0
+        for p in self.params:
+            p.requires_grad_(True)
+        while len(self.alive):
+            epoch += 1
+            self._epoch(epoch)
+        return [o for o in self.outcomes if o is not None]
+
+    def _epoch(self, epoch: int) -> None:
+        """Train every live member for one epoch, measure, and retire the members that stop.
+
+        Args:
+            epoch: the epoch number (1-based).
+        """
+        t0 = time.perf_counter()
+        act = self.alive.tolist()
+        order, valid, n_steps = self._batch_order(act)
+        bad, bad_loss = self._train_steps(act, order, valid, n_steps)
+        mets = self.measure(epoch, (time.perf_counter() - t0) / len(act))
+        keep = []
+        finished = []
+        for j, (m, met) in enumerate(zip(act, mets, strict=True)):
+            if bool(bad[j]):
+                lr = self.opt.lr
+                finished.append(j)
+                self.outcomes[m] = EnsembleOutcome(None, FlatpriorError(
+                    f"training loss became {float(bad_loss[j])} at epoch {epoch}; lower the "
+                    f"learning rate (lr={lr})"))
+                continue
+            self.history[m].append(met)
+            done = self._stop_reason(m, met, epoch)
+            if done is None:
+                keep.append(j)
+            else:
+                finished.append(j)
+                self._finish(m, done[0], epoch, done[1])
+        if finished:
+            self._retire(keep, finished)
+
+    def _batch_order(self, act: list[int]) -> tuple[Tensor, Tensor | None, int]:
+        """Draw this epoch's batch order of every live member and lay it out step by step.
+
+        One randperm per member per epoch from its own generator (as ``train()``). Ragged
+        chunks (different fit sizes or batch sizes) place member ``m``'s step ``s`` rows at
+        ``s*B..`` of its row, with a validity mask.
+
+        Args:
+            act: the live members (original numbers), in stacked order.
+
+        Returns:
+            The pool row indices ``[len(act), ...]``, the validity mask (``None`` if not
+            ragged) and the number of steps of the epoch.
+        """
+        perms = [torch.randperm(int(self.n_fit[m]), generator=self.gens[m]) for m in act]
+        n_steps = max(self.steps[m] for m in act)
+        if not self.ragged:
+            return torch.gather(self.fit_idx[self.alive], 1, torch.stack(perms)), None, n_steps
+        B = self.B
+        order = torch.zeros(len(act), n_steps * B, dtype=torch.long)
+        valid = torch.zeros(len(act), n_steps * B, dtype=torch.bool)
+        for j, m in enumerate(act):
+            b = int(self.batch[m])
+            g = self.fit_idx[m][perms[j]]
+            # member m's step s uses its own batch size b: place rows s*b.. at s*B..
+            for s in range(self.steps[m]):
+                rows = g[s * b : (s + 1) * b]
+                order[j, s * B : s * B + len(rows)] = rows
+                valid[j, s * B : s * B + len(rows)] = True
+        return order, valid, n_steps
+
+    def _train_steps(self, act: list[int], order: Tensor, valid: Tensor | None,
+                     n_steps: int) -> tuple[Tensor, Tensor]:
+        """Take the epoch's optimizer steps; note each member's first non-finite loss.
+
+        Args:
+            act: the live members (original numbers), in stacked order.
+            order: the pool row indices from :meth:`_batch_order`.
+            valid: the validity mask from :meth:`_batch_order` (ragged chunks only).
+            n_steps: the number of steps of the epoch.
+
+        Returns:
+            A per-member "loss went non-finite" flag and that first bad loss value.
+        """
+        bad_loss = torch.full((len(act),), float("nan"), dtype=torch.float64)
+        bad = torch.zeros(len(act), dtype=torch.bool)
+        for s in range(n_steps):
+            losses, active = self._step_losses(act, order, valid, s)
+            grads = torch.autograd.grad(losses.sum(), self.params)
+            self.opt.step(self.params, list(grads), active)
+            with torch.no_grad():
+                fin = torch.isfinite(losses.detach())
+                if active is not None:
+                    fin |= ~active
+                new_bad = ~fin & ~bad
+                if bool(new_bad.any()):
+                    bad_loss = torch.where(new_bad, losses.detach().double(), bad_loss)
+                    bad |= new_bad
+        return bad, bad_loss
+
+    def _step_losses(self, act: list[int], order: Tensor, valid: Tensor | None,
+                     s: int) -> tuple[Tensor, Tensor | None]:
+        """Compute every live member's loss on its batch of step ``s``.
+
+        Args:
+            act: the live members (original numbers), in stacked order.
+            order: the pool row indices from :meth:`_batch_order`.
+            valid: the validity mask from :meth:`_batch_order` (ragged chunks only).
+            s: the step number within the epoch.
+
+        Returns:
+            The per-member losses and the mask of members taking this step (``None``: all).
+        """
+        B, dtype = self.B, self.dtype
+        if self.ragged:
+            idx = order[:, s * B : (s + 1) * B]
+            w = valid[:, s * B : (s + 1) * B]
+            cnt = w.sum(1)
+            active = cnt > 0
+            if bool(active.all()):
+                active = None  # nobody sits out: no masked (3x memory traffic) update
+            weight = w.to(dtype) / (cnt.clamp(min=1).to(dtype)[:, None] if self.mean else 1.0)
+        else:
+            b0 = int(self.batch[act[0]])
+            idx = order[:, s * b0 : (s + 1) * b0]
+            active = None
+            weight = None
+        if self.backend == "loop":
+            losses = _member_losses(self.params, self.x_all, self.y_all, idx,
+                                    cnt if self.ragged else None, self.config.loss_reduction)
+        else:
+            xb, yb = self.x_all[idx], self.y_all[idx]
+            bce = nn.functional.binary_cross_entropy_with_logits(
+                self.forward(self.params, xb), yb, reduction="none")
+            if weight is not None:
+                losses = (bce * weight).sum(1)
+            else:
+                losses = bce.mean(1) if self.mean else bce.sum(1)
+        return losses, active
 
     @torch.no_grad()
-    def measure(epoch: int, epoch_time: float) -> list[dict[str, Any]]:
-        ps = params
-        res: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
-        for split in ("train", "attack", "test"):
-            idx, mask, lens = (t[alive] for t in ev[split])
-            if backend == "bmm":
-                logits = torch.zeros(idx.shape, dtype=dtype)
-                by_block: dict[tuple[int, int], list[int]] = {}
-                for j, m in enumerate(alive.tolist()):
-                    if blocks[split][m] is not None:
-                        by_block.setdefault(blocks[split][m], []).append(j)
-                for (start, n), js in by_block.items():
-                    sel = torch.tensor(js)
-                    sub = ps if len(js) == len(alive) else [p[sel] for p in ps]
-                    logits[sel, :n] = fcn_forward_shared(sub, x_all[start : start + n])
-            else:
-                logits = forward(ps, x_all[idx])
-            y = y_all[idx]
-            bce = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
-            loss = (bce * mask).sum(1) / lens.clamp(min=1).to(bce.dtype)
-            pred = (logits > 0).to(y.dtype)
-            correct = ((pred == y) & mask).sum(1).float()
-            acc = correct / lens.clamp(min=1).float()
-            ones = (pred * mask).sum(1)
-            const = (ones == lens) | (ones == 0)
-            res[split] = (loss, acc, const)
+    def measure(self, epoch: int, epoch_time: float) -> list[dict[str, Any]]:
+        """Measure every live member on its train, attack and test split.
+
+        Args:
+            epoch: the epoch number recorded in the rows.
+            epoch_time: the epoch's wall time per member.
+
+        Returns:
+            One history row per live member, in stacked order.
+        """
+        res = {split: self._split_metrics(split) for split in ("train", "attack", "test")}
+        config, ev = self.config, self.ev
         out = []
-        for j, m in enumerate(alive.tolist()):
+        for j, m in enumerate(self.alive.tolist()):
             has = {s: int(ev[s][2][m]) > 0 for s in ev}
             nan = float("nan")
             out.append({
                 "epoch": epoch,
-                "phase": "train" if zero_epoch[m] is None else "overtrain",
+                "phase": "train" if self.zero_epoch[m] is None else "overtrain",
                 "train_loss": float(res["train"][0][j]),
                 "train_acc": float(res["train"][1][j]),
                 "attack_acc": float(res["attack"][1][j]) if has["attack"] else nan,
@@ -553,138 +728,117 @@ def _train_chunk(models, tasks, config: TrainConfig, seeds, backend: str,
             })
         return out
 
-    def finish(m: int, status: str, epoch: int, message: str = "") -> None:
-        last = history[m][-1]
-        t = tasks[m]
-        outcomes[m] = EnsembleOutcome(TrainResult(
+    def _split_metrics(self, split: str) -> tuple[Tensor, Tensor, Tensor]:
+        """Loss, accuracy and "predicts one class" of every live member on one split.
+
+        Args:
+            split: ``"train"``, ``"attack"`` or ``"test"``.
+
+        Returns:
+            Per-member mean loss, accuracy and constant-prediction flag.
+        """
+        ps, alive = self.params, self.alive
+        idx, mask, lens = (t[alive] for t in self.ev[split])
+        if self.backend == "bmm":
+            logits = torch.zeros(idx.shape, dtype=self.dtype)
+            by_block: dict[tuple[int, int], list[int]] = {}
+            for j, m in enumerate(alive.tolist()):
+                if self.blocks[split][m] is not None:
+                    by_block.setdefault(self.blocks[split][m], []).append(j)
+            for (start, n), js in by_block.items():
+                sel = torch.tensor(js)
+                sub = ps if len(js) == len(alive) else [p[sel] for p in ps]
+                logits[sel, :n] = fcn_forward_shared(sub, self.x_all[start : start + n])
+        else:
+            logits = self.forward(ps, self.x_all[idx])
+        y = self.y_all[idx]
+        bce = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
+        loss = (bce * mask).sum(1) / lens.clamp(min=1).to(bce.dtype)
+        pred = (logits > 0).to(y.dtype)
+        correct = ((pred == y) & mask).sum(1).float()
+        acc = correct / lens.clamp(min=1).float()
+        ones = (pred * mask).sum(1)
+        const = (ones == lens) | (ones == 0)
+        return loss, acc, const
+
+    def _stop_reason(self, m: int, met: dict[str, Any], epoch: int) -> tuple[str, str] | None:
+        """Update member ``m``'s zero-error/collapse state; say whether and why it stops.
+
+        Args:
+            m: the member number.
+            met: its history row of this epoch.
+            epoch: the epoch number.
+
+        Returns:
+            ``(status, message)`` if the member stops now, else ``None``.
+        """
+        config = self.config
+        t = self.tasks[m]
+        fitted = met["train_acc"] == 1.0 and (
+            config.zero_error_on == "train" or len(t.y_attack) == 0 or met["attack_acc"] == 1.0
+        )
+        done = None
+        if self.zero_epoch[m] is None and fitted:
+            self.zero_epoch[m] = epoch
+            self.cap[m] = epoch + config.overtrain_epochs
+        elif self.zero_epoch[m] is None and config.collapse_patience:
+            self.streak[m] = self.streak[m] + 1 if met["constant"] else 0
+            if self.streak[m] >= config.collapse_patience:
+                done = ("collapsed", (
+                    f"collapsed: predicted one class for every training input for "
+                    f"{self.streak[m]} epochs (train accuracy {met['train_acc']:.3f}); lower the "
+                    "learning rate or change the optimizer"))
+        if done is None and epoch >= self.cap[m]:
+            if self.zero_epoch[m] is not None:
+                done = ("zero_error", "")
+            else:
+                done = ("did_not_reach_zero_error", (
+                    f"did not reach zero training error within {config.max_epochs} epochs "
+                    f"(train accuracy {met['train_acc']:.4f}); raise max_epochs or the "
+                    "learning rate"))
+        return done
+
+    def _finish(self, m: int, status: str, epoch: int, message: str = "") -> None:
+        """Record member ``m``'s train result from its last history row.
+
+        Args:
+            m: the member number.
+            status: the stop status.
+            epoch: the epochs trained.
+            message: the explanation (empty for ``zero_error``).
+        """
+        last = self.history[m][-1]
+        t = self.tasks[m]
+        config = self.config
+        self.outcomes[m] = EnsembleOutcome(TrainResult(
             status=status,
-            epochs_to_zero_error=zero_epoch[m],
+            epochs_to_zero_error=self.zero_epoch[m],
             epochs_trained=epoch,
             train_error=1.0 - last["train_acc"],
             attack_error=(1.0 - last["attack_acc"]) if len(t.y_attack) else 0.0,
             test_error=(1.0 - last["test_acc"]) if config.track_test else float("nan"),
             train_loss=last["train_loss"],
-            wall_time_s=time.perf_counter() - t_start,
-            history=history[m],
+            wall_time_s=time.perf_counter() - self.t_start,
+            history=self.history[m],
             message=message,
         ))
 
-    def write_back(js: list[int]) -> None:
-        with torch.no_grad():
-            for j in js:
-                m = int(alive[j])
-                for n, p in zip(names, params, strict=True):
-                    dict(models[m].named_parameters())[n].copy_(p[j])
+    def _retire(self, keep: list[int], finished: list[int]) -> None:
+        """Write the finished members' weights back, report them, and drop them from the stack.
 
-    for m, met in zip(alive.tolist(), measure(0, 0.0), strict=True):
-        history[m].append(met)
-    epoch = 0
-    for p in params:
-        p.requires_grad_(True)
-    while len(alive):
-        epoch += 1
-        t0 = time.perf_counter()
-        act = alive.tolist()
-        # batch order: one randperm per member per epoch from its own generator (as train())
-        perms = [torch.randperm(int(n_fit[m]), generator=gens[m]) for m in act]
-        n_steps = max(steps[m] for m in act)
-        if not ragged:
-            order = torch.gather(fit_idx[alive], 1, torch.stack(perms))
-        else:
-            order = torch.zeros(len(act), n_steps * B, dtype=torch.long)
-            valid = torch.zeros(len(act), n_steps * B, dtype=torch.bool)
-            for j, m in enumerate(act):
-                b = int(batch[m])
-                g = fit_idx[m][perms[j]]
-                # member m's step s uses its own batch size b: place rows s*b.. at s*B..
-                for s in range(steps[m]):
-                    rows = g[s * b : (s + 1) * b]
-                    order[j, s * B : s * B + len(rows)] = rows
-                    valid[j, s * B : s * B + len(rows)] = True
-        bad_loss = torch.full((len(act),), float("nan"), dtype=torch.float64)
-        bad = torch.zeros(len(act), dtype=torch.bool)
-        for s in range(n_steps):
-            if ragged:
-                idx = order[:, s * B : (s + 1) * B]
-                w = valid[:, s * B : (s + 1) * B]
-                cnt = w.sum(1)
-                active = cnt > 0
-                if bool(active.all()):
-                    active = None  # nobody sits out: no masked (3x memory traffic) update
-                weight = w.to(dtype) / (cnt.clamp(min=1).to(dtype)[:, None] if mean else 1.0)
-            else:
-                b0 = int(batch[act[0]])
-                idx = order[:, s * b0 : (s + 1) * b0]
-                active = None
-                weight = None
-            if backend == "loop":
-                losses = _member_losses(params, x_all, y_all, idx,
-                                        cnt if ragged else None, config.loss_reduction)
-            else:
-                xb, yb = x_all[idx], y_all[idx]
-                bce = nn.functional.binary_cross_entropy_with_logits(
-                    forward(params, xb), yb, reduction="none")
-                if weight is not None:
-                    losses = (bce * weight).sum(1)
-                else:
-                    losses = bce.mean(1) if mean else bce.sum(1)
-            grads = torch.autograd.grad(losses.sum(), params)
-            opt.step(params, list(grads), active)
-            with torch.no_grad():
-                fin = torch.isfinite(losses.detach())
-                if active is not None:
-                    fin |= ~active
-                new_bad = ~fin & ~bad
-                if bool(new_bad.any()):
-                    bad_loss = torch.where(new_bad, losses.detach().double(), bad_loss)
-                    bad |= new_bad
-        mets = measure(epoch, (time.perf_counter() - t0) / len(act))
-        keep = []
-        finished = []
-        for j, (m, met) in enumerate(zip(act, mets, strict=True)):
-            if bool(bad[j]):
-                lr = opt.lr
-                finished.append(j)
-                outcomes[m] = EnsembleOutcome(None, FlatpriorError(
-                    f"training loss became {float(bad_loss[j])} at epoch {epoch}; lower the "
-                    f"learning rate (lr={lr})"))
-                continue
-            history[m].append(met)
-            t = tasks[m]
-            fitted = met["train_acc"] == 1.0 and (
-                config.zero_error_on == "train" or len(t.y_attack) == 0 or met["attack_acc"] == 1.0
-            )
-            done = None
-            if zero_epoch[m] is None and fitted:
-                zero_epoch[m] = epoch
-                cap[m] = epoch + config.overtrain_epochs
-            elif zero_epoch[m] is None and config.collapse_patience:
-                streak[m] = streak[m] + 1 if met["constant"] else 0
-                if streak[m] >= config.collapse_patience:
-                    done = ("collapsed", (
-                        f"collapsed: predicted one class for every training input for "
-                        f"{streak[m]} epochs (train accuracy {met['train_acc']:.3f}); lower the "
-                        "learning rate or change the optimizer"))
-            if done is None and epoch >= cap[m]:
-                if zero_epoch[m] is not None:
-                    done = ("zero_error", "")
-                else:
-                    done = ("did_not_reach_zero_error", (
-                        f"did not reach zero training error within {config.max_epochs} epochs "
-                        f"(train accuracy {met['train_acc']:.4f}); raise max_epochs or the "
-                        "learning rate"))
-            if done is None:
-                keep.append(j)
-            else:
-                finished.append(j)
-                finish(m, done[0], epoch, done[1])
-        if finished:
-            write_back(finished)
+        Args:
+            keep: stacked positions of the members that go on.
+            finished: stacked positions of the members that stopped this epoch.
+        """
+        with torch.no_grad():
             for j in finished:
-                on_finished(int(alive[j]), outcomes[int(alive[j])])
-            kj = torch.tensor(keep, dtype=torch.long)
-            with torch.no_grad():
-                params = [p.detach()[kj].clone().requires_grad_(True) for p in params]
-            opt.keep(kj)
-            alive = alive[kj]
-    return [o for o in outcomes if o is not None]
+                m = int(self.alive[j])
+                for n, p in zip(self.names, self.params, strict=True):
+                    dict(self.models[m].named_parameters())[n].copy_(p[j])
+        for j in finished:
+            self.on_finished(int(self.alive[j]), self.outcomes[int(self.alive[j])])
+        kj = torch.tensor(keep, dtype=torch.long)
+        with torch.no_grad():
+            self.params = [p.detach()[kj].clone().requires_grad_(True) for p in self.params]
+        self.opt.keep(kj)
+        self.alive = self.alive[kj]
