@@ -155,7 +155,7 @@ def test_sigkill_mid_ensemble_stores_members_once(tmp_path):
     sets = ["--set", "seed=[0,1,2,3,4,5,6,7]", "--set", "batch_size=8", "--set", "lr=0.001",
             "--set", "max_epochs=400", "--set", "sharpness_epochs=4"]
     cmd = [sys.executable, "-m", "flatprior.cli", "run", "fig2-boolean", *sets, "--workers",
-           "2", "--out", str(db), "--no-progress"]
+           "2", "--out", str(db), "--no-progress", "--ensemble", "auto"]
     p = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
     t0 = time.time()
@@ -190,7 +190,8 @@ def test_dask_one_task_per_ensemble(tmp_path, monkeypatch):
 
             monkeypatch.setattr(client, "submit", counting)
             with Store(tmp_path / "r.db") as st:
-                s = run_sweep(cfgs, st, "t", scheduler=client, workers=2, progress=False)
+                s = run_sweep(cfgs, st, "t", scheduler=client, workers=2, progress=False,
+                              ensemble="auto")
                 assert (s.done, s.failed) == (4, 0)
                 recs = list(st.records())
     assert {r["key"] for r in recs} == {c.key() for c in cfgs}
