@@ -154,3 +154,19 @@ def test_collapse_and_cap_match_single_trainer():
                                                            ref.message)
     assert outs[1].result.status == "collapsed"
     assert outs[0].result.status == "did_not_reach_zero_error"
+
+
+def test_diverged_cap_message_matches_single_trainer():
+    """A member whose loss ends above its start is told to lower the lr, as train() says."""
+    task = make_task("digits", 200, 0, 50, seed=0)
+    models = [make_model("fcn", task.input_shape, seed=s) for s in range(2)]
+    cfg = TrainConfig(lr=1000.0, max_epochs=12, collapse_patience=0)
+    singles = _singles(models, [task] * 2, cfg, [0, 1])
+    outs = train_ensemble(models, task, cfg, [0, 1], backend="loop")  # bitwise the trainer
+    for (_, ref), o in zip(singles, outs, strict=True):
+        if ref.status != "did_not_reach_zero_error":
+            continue
+        assert o.result is not None and o.result.status == ref.status
+        assert o.result.message.split(" (train accuracy")[0] == ref.message.split(
+            " (train accuracy")[0]
+    assert any(r.message.startswith("diverged:") for _, r in singles)

@@ -68,6 +68,7 @@ from flatprior.models.stacked import (
     stacked_forward,
 )
 from flatprior.train.optimizers import OPTIMIZERS
+from flatprior.train.stopping import cap_message
 from flatprior.train.trainer import TrainConfig, TrainResult, check_task
 
 #: optimizer name -> names of torch keyword arguments the stacked update implements
@@ -792,10 +793,9 @@ class _ChunkTrainer:
             if self.zero_epoch[m] is not None:
                 done = ("zero_error", "")
             else:
-                done = ("did_not_reach_zero_error", (
-                    f"did not reach zero training error within {config.max_epochs} epochs "
-                    f"(train accuracy {met['train_acc']:.4f}); raise max_epochs or the "
-                    "learning rate"))
+                done = ("did_not_reach_zero_error", cap_message(
+                    config.max_epochs, met["train_acc"], self.history[m][0]["train_loss"],
+                    met["train_loss"], config.lr))
         return done
 
     def _finish(self, m: int, status: str, epoch: int, message: str = "") -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Collapse", "EpochCap", "Stop", "StopRules", "ZeroError"]
+__all__ = ["Collapse", "EpochCap", "Stop", "StopRules", "ZeroError", "cap_message"]
 
 Metrics = dict[str, Any]
 
@@ -89,6 +89,22 @@ class Collapse:
             "change the optimizer"))
 
 
+def cap_message(max_epochs: int, train_acc: float, first_loss: float | None = None,
+                last_loss: float | None = None, lr: float | None = None) -> str:
+    """Why a run stopped at the epoch cap without fitting S, and what to change.
+
+    A training loss that ended above its value before training (``first_loss``) is a step-size
+    problem: "diverged ... lower the learning rate"; otherwise the run was too short or too slow.
+    """
+    if first_loss is not None and last_loss is not None and last_loss > first_loss:
+        lr_text = " at its default" if lr is None else f"={lr:g}"
+        return (f"diverged: the training loss rose from {first_loss:.4g} before training to "
+                f"{last_loss:.4g} after {max_epochs} epochs (train accuracy {train_acc:.4f}); "
+                f"lower the learning rate (lr{lr_text})")
+    return (f"did not reach zero training error within {max_epochs} epochs (train accuracy "
+            f"{train_acc:.4f}); raise max_epochs or the learning rate")
+
+
 @dataclass(frozen=True)
 class EpochCap:
     """At most ``max_epochs`` epochs."""
@@ -99,9 +115,7 @@ class EpochCap:
         """``Stop("did_not_reach_zero_error")`` at epoch ``max_epochs``."""
         if epoch < self.max_epochs:
             return None
-        return Stop("did_not_reach_zero_error", (
-            f"did not reach zero training error within {self.max_epochs} epochs (train "
-            f"accuracy {metrics['train_acc']:.4f}); raise max_epochs or the learning rate"))
+        return Stop("did_not_reach_zero_error", cap_message(self.max_epochs, metrics["train_acc"]))
 
 
 @dataclass

@@ -26,7 +26,7 @@ from flatprior.errors import (
 )
 from flatprior.models.probe import forward_probe
 from flatprior.train.optimizers import make_optimizer
-from flatprior.train.stopping import Stop, StopRules
+from flatprior.train.stopping import Stop, StopRules, cap_message
 
 Callback = Callable[[nn.Module, dict[str, Any]], Any]
 
@@ -360,14 +360,9 @@ def _result(task: Task, config: TrainConfig, rules: StopRules, stop: Stop | None
     elif stopped:  # a callback's "stop" outranks the cap (and keeps a collapse message)
         status = "stopped"
         message = message if stop is not None and stop.status == "collapsed" else ""
-    first_loss, last_loss = history[0]["train_loss"], history[-1]["train_loss"]
-    if status == "did_not_reach_zero_error" and last_loss > first_loss:
-        lr = " at its default" if config.lr is None else f"={config.lr:g}"
-        message = (  # training made the fit worse: a step-size problem, not too few epochs
-            f"diverged: the training loss rose from {first_loss:.4g} before training to "
-            f"{last_loss:.4g} after {config.max_epochs} epochs (train accuracy "
-            f"{history[-1]['train_acc']:.4f}); lower the learning rate (lr{lr})"
-        )
+    if status == "did_not_reach_zero_error":  # the cap's message, told if training diverged
+        message = cap_message(config.max_epochs, history[-1]["train_acc"],
+                              history[0]["train_loss"], history[-1]["train_loss"], config.lr)
     last = history[-1]
     return TrainResult(
         status=status,
