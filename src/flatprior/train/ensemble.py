@@ -68,7 +68,7 @@ from flatprior.models.stacked import (
     stacked_forward,
 )
 from flatprior.train.optimizers import OPTIMIZERS
-from flatprior.train.stopping import cap_message
+from flatprior.train.stopping import cap_message, collapse_message
 from flatprior.train.trainer import TrainConfig, TrainResult, check_task
 
 #: optimizer name -> names of torch keyword arguments the stacked update implements
@@ -785,10 +785,7 @@ class _ChunkTrainer:
         elif self.zero_epoch[m] is None and config.collapse_patience:
             self.streak[m] = self.streak[m] + 1 if met["constant"] else 0
             if self.streak[m] >= config.collapse_patience:
-                done = ("collapsed", (
-                    f"collapsed: predicted one class for every training input for "
-                    f"{self.streak[m]} epochs (train accuracy {met['train_acc']:.3f}); lower the "
-                    "learning rate or change the optimizer"))
+                done = ("collapsed", collapse_message(self.streak[m], met["train_acc"]))
         if done is None and epoch >= self.cap[m]:
             if self.zero_epoch[m] is not None:
                 done = ("zero_error", "")

@@ -19,7 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Collapse", "EpochCap", "Stop", "StopRules", "ZeroError", "cap_message"]
+__all__ = ["Collapse", "EpochCap", "Stop", "StopRules", "ZeroError", "cap_message",
+           "collapse_message"]
 
 Metrics = dict[str, Any]
 
@@ -83,10 +84,13 @@ class Collapse:
         self.streak = self.streak + 1 if metrics["constant"] else 0
         if self.streak < self.patience:
             return None
-        return Stop("collapsed", (
-            f"collapsed: predicted one class for every training input for {self.streak} "
-            f"epochs (train accuracy {metrics['train_acc']:.3f}); lower the learning rate or "
-            "change the optimizer"))
+        return Stop("collapsed", collapse_message(self.streak, metrics["train_acc"]))
+
+
+def collapse_message(streak: int, train_acc: float) -> str:
+    """Why a run that predicts one class for every training input was stopped."""
+    return (f"collapsed: predicted one class for every training input for {streak} epochs "
+            f"(train accuracy {train_acc:.3f}); lower the learning rate or change the optimizer")
 
 
 def cap_message(max_epochs: int, train_acc: float, first_loss: float | None = None,
