@@ -7,7 +7,6 @@ They are module-level (picklable by reference) so worker processes, Dask workers
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import time
@@ -20,21 +19,12 @@ def _u(key: str, salt: str) -> float:
     return int(h[:12], 16) / 16**12
 
 
-# flatprior.pipeline.LATER_FIELDS with their defaults: out of the key while at the default
-# (test_later_defaults_match_the_pipeline checks this copy)
-LATER_DEFAULTS = {"data_path": None, "label_column": "label", "sam_rho": None,
-                  "adaptive_norm": "linf", "adaptive_rho": 0.01, "adaptive_avg_rho": 0.1,
-                  "adaptive_iters": 20, "adaptive_m": None, "adaptive_samples": 100,
-                  "pac_bayes_target": 0.1, "pac_bayes_metric": "loss", "pac_bayes_samples": 10}
-
-
 def fake_record(cfg: dict) -> dict:
     """A record whose test error grows with the attack size and whose measures follow it."""
-    # no torch import here (keeps worker start-up cheap): the key is RunConfig.key()'s recipe
-    blob = json.dumps({k: v for k, v in cfg.items() if k != "data_root"
-                       and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])},
-                      sort_keys=True, separators=(",", ":"))
-    key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    # flatprior.config imports no torch (keeps worker start-up cheap): RunConfig.key()'s recipe
+    from flatprior.config import config_key
+
+    key = config_key(cfg)
     c = SimpleNamespace(**cfg)
     frac = c.n_attack / max(1, c.n_train + c.n_attack)
     err = 0.05 + 0.5 * frac + 0.02 * _u(key, "e")

@@ -53,7 +53,7 @@ def test_he_normal_and_unit_bias_statistics():
     assert abs(b.std().item() - 1.0) < 0.06
     again = init_weights(FCN((1000, 1000, 1)), seed=0)
     assert torch.equal(again[1].weight, w)
-    custom = init_weights(FCN((1000, 1000, 1)), sigma_w2=1.0, sigma_b=0.0, seed=0)
+    custom = init_weights(FCN((1000, 1000, 1)), sigma_w2=1.0, sigma_b2=0.0, seed=0)
     assert abs(custom[1].weight.var().item() - 1e-3) < 3e-5 and custom[1].bias.abs().max() == 0
 
 

@@ -71,7 +71,7 @@ def test_threshold_unit_exact_probabilities_vs_sampler():
     assert sum(probs.values()) == pytest.approx(1.0, abs=1e-12)
     assert probs["6"] == 0.0 and probs["9"] == 0.0  # XOR 0110, XNOR 1001
     n = 60_000
-    prior = sample_boolean_prior(n, widths=(2, 1), sigma_w=1.0, sigma_b=1.0, seed=11)
+    prior = sample_boolean_prior(n, widths=(2, 1), sigma_w2=1.0, sigma_b2=1.0, seed=11)
     table = prior.table()
     seen = dict(zip(table.function, table["count"], strict=True))
     assert seen.get("6", 0) == 0 and seen.get("9", 0) == 0
@@ -95,7 +95,7 @@ def test_bit_order_and_encoding():
     bits = np.random.default_rng(0).integers(0, 2, 128)
     np.testing.assert_array_equal(function_bits(function_hex(bits), 7), bits)
     # one input bit, no bias: output(x=0) = 0 (bit 0), output(x=1) = w > 0 half the time
-    prior = sample_boolean_prior(2000, widths=(1, 1), sigma_b=0.0, seed=1)
+    prior = sample_boolean_prior(2000, widths=(1, 1), sigma_b2=0.0, seed=1)
     assert set(prior.table().function) == {"0", "4"}  # bits 00 and 01 (MSB = input 0)
     assert prior.count_of([0, 1]) + prior.count_of([0, 0]) == 2000
 

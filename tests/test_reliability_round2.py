@@ -63,6 +63,7 @@ def test_keys_of_configs_already_canonical_are_unchanged():
         for f in LATER_FIELDS:  # fields that did not exist then, at their default
             if d[f] == RunConfig.model_fields[f].default:
                 del d[f]
+        d["sigma_b"] = d.pop("sigma_b2") ** 0.5  # the bias under its name before #14's rename
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

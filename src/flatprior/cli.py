@@ -66,7 +66,7 @@ def _default(field: str):
 #: `flatprior run SPEC --set FIELD=VALUE` sets any field). tests/test_config.py checks that every
 #: other field is an option with RunConfig's default.
 TRAIN_NOT_EXPOSED = (
-    "boolean_target", "data_seed", "hidden", "width", "sigma_w2", "sigma_b", "zero_error_on",
+    "boolean_target", "data_seed", "hidden", "width", "sigma_w2", "sigma_b2", "zero_error_on",
     "loss_reduction", "augment", "topk", "kernel", "kernel_draws", "pac_bayes_delta",
     "measure_every", "epoch_measures", "alpha_epoch", "alpha_after_zero_error", "alpha_layer",
     "alpha", "sam_rho", "adaptive_norm", "adaptive_rho", "adaptive_avg_rho", "adaptive_iters",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
@@ -23,14 +24,14 @@ from pydantic import (
 )
 
 from flatprior import names
-from flatprior.errors import FlatpriorError
+from flatprior.errors import RENAMED_PARAMETERS, FlatpriorError, renamed_message
 from flatprior.measures import FLATNESS_MEASURES, MEASURES, PRIOR_MEASURES, REGISTRY
 
 if TYPE_CHECKING:
     from flatprior.train import TrainConfig
 
 __all__ = ["LATER_FIELDS", "NON_KEY_FIELDS", "TRAIN_FIELDS", "RunConfig", "canonical_measures",
-           "config_key", "make_config", "validation_message"]
+           "config_key", "make_config", "migrate_config", "validation_message"]
 
 #: fields that say where things are, not what is computed: left out of the run key
 NON_KEY_FIELDS = ("data_root",)
@@ -66,8 +67,10 @@ class RunConfig(BaseModel):
     model: str = "fcn"
     hidden: tuple[Annotated[int, Field(ge=1)], ...] = (40, 40)
     width: int | None = Field(None, ge=1)
+    # variances, spelled the same everywhere (models, kernels, Boolean sampler): weights
+    # N(0, sigma_w2 / fan_in), biases N(0, sigma_b2)
     sigma_w2: float = Field(2.0, gt=0)
-    sigma_b: float = Field(1.0, ge=0)
+    sigma_b2: float = Field(1.0, ge=0)
     # training
     seed: int = Field(0, ge=0, le=2**32 - 1)
     optimizer: str = "sgd"
@@ -110,6 +113,15 @@ class RunConfig(BaseModel):
     alpha_after_zero_error: bool = True
     alpha_layer: int = Field(0, ge=0)
     alpha: float = Field(5.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_fields(cls, data):
+        # an old spelling (sigma_b = a standard deviation) would otherwise be "extra field"
+        if isinstance(data, dict):
+            for old in sorted(RENAMED_PARAMETERS.keys() & data.keys()):
+                raise ValueError(renamed_message(old, data[old]))
+        return data
 
     @field_validator("measures", "epoch_measures")
     @classmethod
@@ -158,6 +170,11 @@ class RunConfig(BaseModel):
         specs, all defaults) keep their keys; a run stored under a list in another order or with
         a repeated name is run once more by the next sweep (stored under the new key), and
         reports count the two records as one run (:func:`config_key` of the stored config).
+
+        Migration of the variance rename (``sigma_b`` -> ``sigma_b2 = sigma_b**2``): the key
+        hashes the bias under its old name and value, ``sigma_b = sqrt(sigma_b2)``, so every
+        stored run keeps its key (``sqrt(x * x) == x`` for every float
+        ``1e-150 <= x <= 1e150``; tested).
         """
         return config_key(self.model_dump(mode="json"))
 
@@ -189,6 +206,8 @@ def config_key(config: dict[str, Any], *, canonical: bool = True) -> str:
     issue #17).
     """
     d = {k: v for k, v in config.items() if k not in NON_KEY_FIELDS}
+    if isinstance(d.get("sigma_b2"), (int, float)):  # keyed as before the rename (see key())
+        d["sigma_b"] = math.sqrt(d.pop("sigma_b2"))
     for f in LATER_FIELDS:
         if f in d and d[f] == RunConfig.model_fields[f].default:
             del d[f]
@@ -197,6 +216,22 @@ def config_key(config: dict[str, Any], *, canonical: bool = True) -> str:
             d[name] = list(canonical_measures(d[name]))
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def migrate_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A stored config dict in today's field names (records written before a rename).
+
+    ``sigma_b`` (bias standard deviation, before issue #14) becomes ``sigma_b2 = sigma_b**2``;
+    everything else is copied. :func:`config_key` gives the migrated dict the stored key.
+
+    >>> migrate_config({"sigma_w2": 2.0, "sigma_b": 0.5})
+    {'sigma_w2': 2.0, 'sigma_b2': 0.25}
+    """
+    out = dict(config)
+    if "sigma_b" in out and "sigma_b2" not in out:
+        v = out.pop("sigma_b")
+        out["sigma_b2"] = v * v if isinstance(v, (int, float)) else v
+    return out
 
 
 def make_config(**fields: Any) -> RunConfig:

@@ -8,7 +8,8 @@ prints that line and exits with status 2, without a traceback.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
 from typing import Any
 
 
@@ -67,3 +68,38 @@ def check_finite_tensor(name: str, x: Any) -> None:
         raise FlatpriorError(
             f"{name} contains {bad} NaN/inf value(s); clean or drop them before calling flatprior"
         )
+
+
+#: Parameters renamed so that every variance is spelled the same way everywhere (``sigma_w2``:
+#: weight variance times fan-in, ``sigma_b2``: bias variance): old name -> (new name, meaning).
+RENAMED_PARAMETERS = {
+    "sigma_w": ("sigma_w2", "the weight variance times fan-in, sigma_w**2"),
+    "sigma_b": ("sigma_b2", "the bias variance, sigma_b**2"),
+}
+
+
+def renamed_message(old: str, value: Any = None) -> str:
+    """One line saying that ``old`` was renamed, naming the new parameter (and its value).
+
+    >>> renamed_message("sigma_b", 0.5)
+    'sigma_b was renamed sigma_b2 (the bias variance, sigma_b**2): write sigma_b2 = 0.25'
+    """
+    new, meaning = RENAMED_PARAMETERS[old]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    hint = f": write {new} = {float(value) ** 2!r}" if number else f": give {new} instead"
+    return f"{old} was renamed {new} ({meaning}){hint}"
+
+
+def refuse_renamed(fn: Callable) -> Callable:
+    """Decorator: a renamed keyword (``sigma_b=...``) raises a FlatpriorError naming the new one.
+
+    Instead of Python's bare "unexpected keyword argument".
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        for old in sorted(RENAMED_PARAMETERS.keys() & kwargs.keys()):
+            raise FlatpriorError(renamed_message(old, kwargs[old]))
+        return fn(*args, **kwargs)
+
+    return wrapper

@@ -65,7 +65,7 @@ def build_model(cfg: RunConfig, input_shape, seed: int | None = None):
         hidden=cfg.hidden,
         width=cfg.width,
         sigma_w2=cfg.sigma_w2,
-        sigma_b=cfg.sigma_b,
+        sigma_b2=cfg.sigma_b2,
         seed=cfg.seed if seed is None else seed,
     )
 
@@ -147,14 +147,14 @@ def kernel_of(x: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
             x.reshape(len(x), -1).double(),
             depth=len(cfg.hidden),
             sigma_w2=cfg.sigma_w2,
-            sigma_b2=cfg.sigma_b**2,
+            sigma_b2=cfg.sigma_b2,
         )
     return empirical_kernel(
         lambda s: build_model(cfg, tuple(x.shape[1:]), seed=10_000 + s),
         x,
         cfg.kernel_draws,
         sigma_w2=cfg.sigma_w2,
-        sigma_b2=cfg.sigma_b**2,
+        sigma_b2=cfg.sigma_b2,
     )
 
 

@@ -456,7 +456,7 @@ def claim_ep_accuracy(df: pd.DataFrame) -> list[Claim]:
     ignore = {"key", "prior_method", "created", "spec", "wall_time_s"}
     cfg_cols = [c for c in ("dataset", "n_train", "n_test", "n_attack", "seed", "optimizer", "lr",
                             "batch_size", "model", "hidden", "overtrain_epochs", "data_seed",
-                            "kernel", "sigma_w2", "sigma_b") if c in d and c not in ignore]
+                            "kernel", "sigma_w2", "sigma_b2") if c in d and c not in ignore]
     ep = d[d["prior_method"] == "ep"].set_index(cfg_cols)["log_prior"]
     ti = d[d["prior_method"] == "tilting"].set_index(cfg_cols)["log_prior"]
     both = ep.index.intersection(ti.index)

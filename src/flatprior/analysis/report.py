@@ -10,7 +10,6 @@ import base64
 import datetime as _dt
 import html
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,7 +159,7 @@ def _sample_prior(df: pd.DataFrame, n_samples: int, seed: int):
 
     hidden = json.loads(df["hidden"].iloc[0]) if isinstance(df["hidden"].iloc[0], str) else [40, 40]
     sw2 = float(df["sigma_w2"].iloc[0]) if "sigma_w2" in df else 2.0
-    sb = float(df["sigma_b"].iloc[0]) if "sigma_b" in df else 1.0
+    sb2 = float(df["sigma_b2"].iloc[0]) if "sigma_b2" in df else 1.0
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -176,7 +175,7 @@ def _sample_prior(df: pd.DataFrame, n_samples: int, seed: int):
                   disable=n_samples < 1_000_000) as prog:
         task = prog.add_task("sample", total=int(n_samples))
         return sample_boolean_prior(
-            int(n_samples), (7, *hidden, 1), sigma_w=math.sqrt(sw2), sigma_b=sb, seed=seed,
+            int(n_samples), (7, *hidden, 1), sigma_w2=sw2, sigma_b2=sb2, seed=seed,
             progress=lambda k: prog.advance(task, k),
         )
 

@@ -64,15 +64,23 @@ def _expand_axis(name: str, v: Any) -> list[Any]:
     return list(v)
 
 
-def _check_fields(where: str, names) -> None:
+def _unknown_field_hint(name: str, value: Any = None) -> str:
+    """What to write instead of an unknown run field: its new name if renamed, or a close one."""
+    from flatprior.config import RunConfig
+    from flatprior.errors import RENAMED_PARAMETERS, renamed_message
+
+    if name in RENAMED_PARAMETERS:
+        return f" ({renamed_message(name, value)})"
+    close = difflib.get_close_matches(name, list(RunConfig.model_fields), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_fields(where: str, fields: dict) -> None:
     from flatprior.config import RunConfig
 
-    valid = list(RunConfig.model_fields)
-    for n in names:
-        if n not in valid:
-            close = difflib.get_close_matches(n, valid, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"{where}: unknown run field {n!r}{hint}")
+    for n, v in fields.items():
+        if n not in RunConfig.model_fields:
+            raise ValueError(f"{where}: unknown run field {n!r}{_unknown_field_hint(n, v)}")
 
 
 class _Layer(BaseModel):
@@ -329,11 +337,9 @@ def _apply_override(base: dict, sweep: dict, name: str, value: Any) -> None:
     from flatprior.config import RunConfig
 
     if name not in RunConfig.model_fields:
-        valid = list(RunConfig.model_fields)
-        close = difflib.get_close_matches(name, valid, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise FlatpriorError(
-            f"override {name}: unknown run field{hint}; valid fields: {', '.join(valid)}"
+            f"override {name}: unknown run field{_unknown_field_hint(name, value)}; valid fields: "
+            f"{', '.join(RunConfig.model_fields)}"
         )
     if isinstance(value, dict) and "__sweep__" in value:
         try:

@@ -343,7 +343,8 @@ class Store:
 def flatten_record(rec: dict[str, Any]) -> dict[str, Any]:
     """One DataFrame row: the record's scalar fields, then config fields not already present.
 
-    Lists in the config (``hidden``, ``measures``) become compact JSON strings; ``history``,
+    Config fields carry today's names (:func:`flatprior.config.migrate_config`). Lists in the
+    config (``hidden``, ``measures``) become compact JSON strings; ``history``,
     ``notes``, ``traceback`` and ``versions`` are dropped (``versions`` is kept as
     ``flatprior_version``).
     """
@@ -353,7 +354,10 @@ def flatten_record(rec: dict[str, Any]) -> dict[str, Any]:
             continue
         if v is None or isinstance(v, (str, int, float, bool)):
             row[k] = v
-    for k, v in (rec.get("config") or {}).items():
+    from flatprior.config import migrate_config
+
+    # records stored before a rename get today's column names (sigma_b -> sigma_b2)
+    for k, v in migrate_config(rec.get("config") or {}).items():
         if k in row:
             continue
         row[k] = json.dumps(v) if isinstance(v, (list, dict)) else v

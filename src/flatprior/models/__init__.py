@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 from torch import nn
 
-from flatprior.errors import FlatpriorError, check_choice
+from flatprior.errors import FlatpriorError, check_choice, refuse_renamed
 from flatprior.models.fcn import FCN, SmallCNN
 from flatprior.models.init import init_weights
 from flatprior.models.rescale import alpha_scale, linear_layers
@@ -26,6 +26,7 @@ __all__ = [
 ]
 
 
+@refuse_renamed
 def make_model(
     name: str,
     input_shape: Sequence[int],
@@ -33,14 +34,14 @@ def make_model(
     hidden: Sequence[int] = (40, 40),
     width: int | None = None,
     sigma_w2: float = 2.0,
-    sigma_b: float = 1.0,
+    sigma_b2: float = 1.0,
     seed: int = 0,
 ) -> nn.Module:
     """Build and initialise a one-logit network for inputs of ``input_shape`` (no batch dim).
 
     ``fcn``: widths ``(prod(input_shape), *hidden, 1)``; ``cnn``: :class:`SmallCNN`;
     ``resnet18``/``resnet50``: :class:`ResNet` with ``width`` base channels (default 16 on CPU).
-    Weights He-normal (``sigma_w2 / fan_in``), biases ``N(0, sigma_b^2)``, drawn from ``seed``.
+    Weights He-normal (``sigma_w2 / fan_in``), biases ``N(0, sigma_b2)``, drawn from ``seed``.
     """
     check_choice("model", name, MODELS)
     input_shape = tuple(int(v) for v in input_shape)
@@ -54,4 +55,4 @@ def make_model(
         if len(input_shape) != 3:
             raise FlatpriorError(f"{name} needs image inputs [C, H, W], got {input_shape}")
         model = ResNet(int(name[6:]), in_channels=input_shape[0], width=width or 16)
-    return init_weights(model, sigma_w2=sigma_w2, sigma_b=sigma_b, seed=seed)
+    return init_weights(model, sigma_w2=sigma_w2, sigma_b2=sigma_b2, seed=seed)

@@ -1,10 +1,10 @@
 r"""Prior P(f) over Boolean functions by direct sampling of random ReLU networks.
 
 A network with ``widths = (n_in, h_1, ..., 1)`` (ReLU between layers, weights
-``N(0, sigma_w^2 / fan_in)``, biases ``N(0, sigma_b^2)``) is evaluated on all ``N = 2^n_in``
-points of ``{0,1}^n_in``; its function is the bit string ``f_i = 1[output(x_i) > 0]``.
-Frequencies over many random networks estimate ``P(f)`` (Valle-Pérez et al. 2019; Zhang et al.
-arXiv 2103.06219, Boolean system with FCN 7-40-40-1).
+``N(0, sigma_w2 / fan_in)``, biases ``N(0, sigma_b2)``: variances) is evaluated on all
+``N = 2^n_in`` points of ``{0,1}^n_in``; its function is the bit string
+``f_i = 1[output(x_i) > 0]``. Frequencies over many random networks estimate ``P(f)``
+(Valle-Pérez et al. 2019; Zhang et al. arXiv 2103.06219, Boolean system with FCN 7-40-40-1).
 
 Conventions:
 
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from flatprior.data.boolean import boolean_inputs  # the one definition (re-exported)
-from flatprior.errors import FlatpriorError, check_int, check_positive
+from flatprior.errors import FlatpriorError, check_int, check_positive, refuse_renamed
 from flatprior.prior.exact import wilson_interval
 
 __all__ = [
@@ -43,7 +43,7 @@ __all__ = [
     "sample_boolean_prior",
 ]
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: variances sigma_w2, sigma_b2 (1: standard deviations)
 
 
 def _pack(bits: np.ndarray) -> np.ndarray:
@@ -102,7 +102,8 @@ class BooleanPrior:
 
     Attributes:
         n_inputs: number of input bits (``N = 2^n_inputs`` points).
-        widths, sigma_w, sigma_b: the network prior sampled.
+        widths, sigma_w2, sigma_b2: the network prior sampled (weight variance times fan-in,
+            bias variance).
         keys: ``uint64 [m, 2]`` packed functions (sorted, unique).
         counts: ``int64 [m]`` number of networks computing each function.
         n_samples: total networks drawn (``counts.sum()``).
@@ -111,8 +112,8 @@ class BooleanPrior:
 
     n_inputs: int
     widths: tuple[int, ...]
-    sigma_w: float
-    sigma_b: float
+    sigma_w2: float
+    sigma_b2: float
     keys: np.ndarray = field(repr=False)
     counts: np.ndarray = field(repr=False)
     n_samples: int
@@ -135,13 +136,13 @@ class BooleanPrior:
             raise FlatpriorError("combine needs at least one BooleanPrior")
         first = parts[0]
         for p in parts[1:]:
-            if (p.n_inputs, tuple(p.widths), p.sigma_w, p.sigma_b) != (
-                first.n_inputs, tuple(first.widths), first.sigma_w, first.sigma_b
+            if (p.n_inputs, tuple(p.widths), p.sigma_w2, p.sigma_b2) != (
+                first.n_inputs, tuple(first.widths), first.sigma_w2, first.sigma_b2
             ):
                 raise FlatpriorError(
                     "cannot merge Boolean priors of different networks "
-                    f"({first.widths}, {first.sigma_w}, {first.sigma_b}) vs "
-                    f"({p.widths}, {p.sigma_w}, {p.sigma_b})"
+                    f"({first.widths}, {first.sigma_w2}, {first.sigma_b2}) vs "
+                    f"({p.widths}, {p.sigma_w2}, {p.sigma_b2})"
                 )
         seeds = [s for p in parts for s in p.seeds]
         if len(set(seeds)) < len(seeds):
@@ -152,7 +153,7 @@ class BooleanPrior:
         keys, counts = _reduce(
             np.concatenate([p.keys for p in parts]), np.concatenate([p.counts for p in parts])
         )
-        return BooleanPrior(first.n_inputs, tuple(first.widths), first.sigma_w, first.sigma_b,
+        return BooleanPrior(first.n_inputs, tuple(first.widths), first.sigma_w2, first.sigma_b2,
                             keys, counts, sum(p.n_samples for p in parts), tuple(seeds))
 
     def table(self, top: int | None = None):
@@ -192,8 +193,8 @@ class BooleanPrior:
             "format": _FORMAT_VERSION,
             "n_inputs": self.n_inputs,
             "widths": list(self.widths),
-            "sigma_w": self.sigma_w,
-            "sigma_b": self.sigma_b,
+            "sigma_w2": self.sigma_w2,
+            "sigma_b2": self.sigma_b2,
             "n_samples": int(self.n_samples),
             "seeds": [int(s) for s in self.seeds],
         }
@@ -216,13 +217,16 @@ class BooleanPrior:
                 f"cannot read Boolean prior file {path} (corrupted or not a BooleanPrior file): "
                 f"{msg}"
             ) from None
-        if (not isinstance(meta, dict) or meta.get("format") != _FORMAT_VERSION
+        if (not isinstance(meta, dict) or meta.get("format") not in (1, _FORMAT_VERSION)
                 or keys.ndim != 2 or keys.shape[1] != 2):
-            raise FlatpriorError(f"{path} is not a flatprior Boolean prior file (format 1)")
+            raise FlatpriorError(f"{path} is not a flatprior Boolean prior file (format 1 or 2)")
         try:
             n_samples = int(meta["n_samples"])
-            args = (int(meta["n_inputs"]), tuple(meta["widths"]), float(meta["sigma_w"]),
-                    float(meta["sigma_b"]))
+            if meta["format"] == 1:  # standard deviations before the variance rename
+                variances = (float(meta["sigma_w"]) ** 2, float(meta["sigma_b"]) ** 2)
+            else:
+                variances = (float(meta["sigma_w2"]), float(meta["sigma_b2"]))
+            args = (int(meta["n_inputs"]), tuple(meta["widths"]), *variances)
             seeds = tuple(meta["seeds"])
         except (KeyError, TypeError, ValueError) as exc:
             raise FlatpriorError(
@@ -387,11 +391,12 @@ def _sample_chunks(chunks: Iterable[tuple[int, int]], lock, widths, sigma_w, sig
     return _reduce(np.concatenate([acc_k, *pend_k]), np.concatenate([acc_c, *pend_c]))
 
 
+@refuse_renamed
 def sample_boolean_prior(
     n_samples: int,
     widths: Sequence[int] = (7, 40, 40, 1),
-    sigma_w: float = 1.0,
-    sigma_b: float = 1.0,
+    sigma_w2: float = 1.0,
+    sigma_b2: float = 1.0,
     seed: int = 0,
     *,
     batch_size: int = 128,
@@ -400,7 +405,7 @@ def sample_boolean_prior(
 ) -> BooleanPrior:
     r"""Estimate ``P(f)`` on ``{0,1}^n_in`` by sampling random ReLU networks.
 
-    Each network has weights ``N(0, sigma_w^2 / fan_in)`` and biases ``N(0, sigma_b^2)``
+    Each network has weights ``N(0, sigma_w2 / fan_in)`` and biases ``N(0, sigma_b2)``
     (float32), ReLU after every layer but the last; all ``2^n_in`` inputs are evaluated at once
     (see :class:`_BatchForward`). Counts are reduced per chunk and merged, so memory is
     ``O(distinct functions)``.
@@ -408,8 +413,8 @@ def sample_boolean_prior(
     Args:
         n_samples: number of networks.
         widths: ``(n_in, h_1, ..., 1)`` with ``1 <= n_in <= 7`` and a single output.
-        sigma_w: weight scale (standard deviation times sqrt(fan-in)).
-        sigma_b: bias standard deviation.
+        sigma_w2: weight variance times fan-in.
+        sigma_b2: bias variance.
         seed: master seed. The networks are drawn in chunks of 65 536, chunk ``i`` from a
             torch generator seeded by ``numpy.random.SeedSequence(seed, spawn_key=(i,))``, so the
             result depends on ``seed`` and ``n_samples`` only (not on ``n_workers``).
@@ -432,8 +437,8 @@ def sample_boolean_prior(
     if not 1 <= widths[0] <= 7:
         raise FlatpriorError(f"n_in = widths[0] must be in 1..7 (<= 128 points), got {widths[0]}")
     check_int("n_samples", n_samples, 1)
-    check_positive("sigma_w", sigma_w, allow_zero=True)
-    check_positive("sigma_b", sigma_b, allow_zero=True)
+    check_positive("sigma_w2", sigma_w2, allow_zero=True)
+    check_positive("sigma_b2", sigma_b2, allow_zero=True)
     check_int("batch_size", batch_size, 1)
     if n_workers is None:  # follow torch's thread count (1 inside our sweep workers)
         n_workers = torch.get_num_threads()
@@ -442,7 +447,9 @@ def sample_boolean_prior(
     chunks = iter([(min(_CHUNK, n_samples - i * _CHUNK), _chunk_seed(seed, i))
                    for i in range(n_chunks)])
     n_threads = min(int(n_workers), n_chunks)
-    args = (chunks, threading.Lock(), widths, float(sigma_w), float(sigma_b), int(batch_size),
+    # the forward pass scales standard normal draws by standard deviations
+    args = (chunks, threading.Lock(), widths, math.sqrt(sigma_w2), math.sqrt(sigma_b2),
+            int(batch_size),
             progress)
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one core per worker thread; several intra-op threads each thrash
@@ -456,5 +463,5 @@ def sample_boolean_prior(
         torch.set_num_threads(torch_threads)
     keys, counts = _reduce(np.concatenate([k for k, _ in results]),
                            np.concatenate([c for _, c in results]))
-    return BooleanPrior(widths[0], widths, float(sigma_w), float(sigma_b), keys, counts,
+    return BooleanPrior(widths[0], widths, float(sigma_w2), float(sigma_b2), keys, counts,
                         int(n_samples), (int(seed),))
