@@ -41,6 +41,7 @@ from scipy import stats
 
 from flatprior.analysis.correlations import correlation
 from flatprior.errors import FlatpriorError
+from flatprior.experiments.store import records_frame
 
 HOLDS, FAILS, TOO_FEW, PRECONDITION = (
     "holds", "does not hold", "not enough runs", "precondition failed"
@@ -485,13 +486,14 @@ def evaluate_claims(store, *, n_boot: int = 1000, seed: int = 0) -> list[Claim]:
     frames, records = [], []
     for label in store.specs():
         info = store.spec_info(label) or {}
-        f = store.to_frame(spec=label)
+        recs = list(store.records(spec=label))  # parsed once: the frame and the histories
+        f = records_frame(recs, spec=label)
         if f.empty:
             continue
         f["analysis"] = info.get("analysis", "attack")
         frames.append(f)
         if info.get("analysis") == "epochs":
-            records.extend(r for r in store.records(spec=label) if r.get("status") == "zero_error")
+            records.extend(r for r in recs if r.get("status") == "zero_error")
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if df.empty:
         raise FlatpriorError("the database holds no runs; run `flatprior run SPEC --out DB` first")

@@ -289,23 +289,7 @@ class Store:
         :func:`flatprior.pipeline.config_key`, and the latest record of each run is kept, so
         ``n`` counts runs. Records with keys of their own (custom run functions) stay distinct.
         """
-        import pandas as pd
-
-        from flatprior.pipeline import config_key
-
-        latest: dict[str, dict[str, Any]] = {}
-        for r in self.records(spec, status):  # ordered by time: a later record replaces
-            cfg, key = r.get("config"), str(r.get("key"))
-            if isinstance(cfg, dict):
-                canonical = config_key(cfg)
-                if key in (canonical, config_key(cfg, canonical=False)):
-                    key = canonical
-            latest[key] = r
-        rows = [flatten_record(r) for r in latest.values()]
-        if spec is not None:
-            for r in rows:
-                r["spec"] = spec
-        return pd.DataFrame(rows)
+        return records_frame(self.records(spec, status), spec)
 
     def export(self, path: str | Path, spec: str | None = None) -> Path:
         """Write the flattened records to ``.csv`` or ``.parquet`` (chosen by the suffix)."""
@@ -338,6 +322,27 @@ class Store:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def records_frame(records: Iterable[dict[str, Any]], spec: str | None = None):
+    """:meth:`Store.to_frame` of records already read (oldest first): one row per distinct run."""
+    import pandas as pd
+
+    from flatprior.config import config_key
+
+    latest: dict[str, dict[str, Any]] = {}
+    for r in records:  # ordered by time: a later record replaces
+        cfg, key = r.get("config"), str(r.get("key"))
+        if isinstance(cfg, dict):
+            canonical = config_key(cfg)
+            if key in (canonical, config_key(cfg, canonical=False)):
+                key = canonical
+        latest[key] = r
+    rows = [flatten_record(r) for r in latest.values()]
+    if spec is not None:
+        for r in rows:
+            r["spec"] = spec
+    return pd.DataFrame(rows)
 
 
 def flatten_record(rec: dict[str, Any]) -> dict[str, Any]:
