@@ -43,7 +43,7 @@ def test_sweep_records_equal_per_run_path(tmp_path):
     cfgs = boolean_configs(range(3))
     with Store(tmp_path / "off.db") as a, Store(tmp_path / "auto.db") as b:
         run_sweep(cfgs, a, "t", workers=1, progress=False, ensemble="off")
-        s = run_sweep(cfgs, b, "t", workers=1, progress=False)
+        s = run_sweep(cfgs, b, "t", workers=1, progress=False, ensemble="auto")
         assert (s.done, s.failed) == (3, 0)
         off = {r["key"]: r for r in a.records()}
         auto = {r["key"]: r for r in b.records()}
@@ -211,3 +211,23 @@ def test_cli_ensemble_option(tmp_path):
     assert ok.returncode == 0, ok.stderr
     again = subprocess.run(base, capture_output=True, text=True, timeout=120)  # auto: resumes
     assert again.returncode == 0 and "2 already stored" in again.stderr
+
+
+def test_paper_preset_lbfgsb_sharpness_is_computed_per_member():
+    # the paper presets store sharpness_lbfgsb beside the ascent: an ensemble computes it member
+    # by member with the per-run function, so paper-preset Boolean runs are ensemble members
+    from flatprior.experiments.ensemble import run_ensemble
+    from flatprior.pipeline import run
+
+    over = {**BOOL, "measures": ["sharpness", "sharpness_lbfgsb", "log_prior"], "seed": [0, 1]}
+    cfgs = resolve("fig2-boolean", "paper", None, {**over, "batch_size": 8}).configs
+    assert "sharpness_lbfgsb" in resolve("fig2-boolean", "paper", None).base["measures"]
+    assert why_not_ensemble(cfgs[0]) is None
+    assert why_not_ensemble(cfgs[0].model_copy(update={"measures": ("trace",)})) is not None
+    for c, e in zip(cfgs, run_ensemble(cfgs), strict=True):
+        r = run(c)
+        assert (e["function"], e["epochs_to_zero_error"]) == (r["function"],
+                                                              r["epochs_to_zero_error"])
+        # the same measure on nets equal to float32 training rounding (as sharpness above)
+        assert _close(e["sharpness_lbfgsb"], r["sharpness_lbfgsb"], 1e-4)
+        assert e["sharpness_lbfgsb_time_s"] > 0

@@ -5,14 +5,16 @@ One record each, with the same fields as :func:`flatprior.pipeline.run`.
 Runs are compatible when their configs differ only in :data:`MEMBER_FIELDS` (seed, data seed,
 sizes of S/A/E, Boolean target): one architecture, dataset and optimizer configuration. A run
 takes the per-run path instead (``why_not_ensemble`` says why) for a non-FCN model, per-epoch
-measures, alpha-scaling, Entropy-SGD/FAM/augmentation, L-BFGS-B sharpness, or measures without a
-batched version (``logprod_topk``, ``trace``, ``relative_flatness``).
+measures, alpha-scaling, Entropy-SGD/FAM/augmentation, L-BFGS-B as *the* sharpness method, or
+measures without a batched or per-member version (``logprod_topk``, ``trace``,
+``relative_flatness``).
 
 Values per member equal the per-run path's (training: float32 rounding; measures: the batched
-versions in :mod:`flatprior.flatness.batched`, tested to 1e-6 relative; log P(f): the same
-estimator, once per distinct function). Wall times: ``train_time_s``, ``<measure>_time_s`` and
-``wall_time_s`` are the ensemble's times divided by its members (so they add up to the real
-total); ``history[*].epoch_time_s`` likewise.
+versions in :mod:`flatprior.flatness.batched`, tested to 1e-6 relative; the measures of
+:data:`PER_MEMBER_MEASURES`: the per-run function itself, member by member; log P(f): the same
+estimator, once per distinct function, batched over functions for EP). Wall times:
+``train_time_s``, ``<measure>_time_s`` and ``wall_time_s`` are the ensemble's times divided by
+its members (so they add up to the real total); ``history[*].epoch_time_s`` likewise.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ from flatprior.errors import FlatpriorError
 MEMBER_FIELDS = ("seed", "data_seed", "n_train", "n_attack", "n_test", "boolean_target")
 #: measures with a batched (or per-distinct-function) implementation
 ENSEMBLE_MEASURES = ("sharpness", "spectral_norm", "log_prior", "pac_bayes")
+#: measures an ensemble computes member by member with the per-run registry function (the same
+#: call on the same network as the per-run path; seeded by the run's own seed): the paper
+#: presets store ``sharpness_lbfgsb`` beside the ascent's sharpness
+PER_MEMBER_MEASURES = ("sharpness_lbfgsb",)
 #: default members per ensemble task (progress and resume granularity; larger M is a little
 #: faster per member: Boolean batch 1, training only, loaded machine: M = 200: ~29 ms per
 #: member, M = 1000: ~24 ms)
@@ -55,7 +61,7 @@ def why_not_ensemble(cfg) -> str | None:
         return "per-epoch measures"
     if cfg.alpha_epoch is not None:
         return "alpha-scaling"
-    bad = [m for m in cfg.measures if m not in ENSEMBLE_MEASURES]
+    bad = [m for m in cfg.measures if m not in ENSEMBLE_MEASURES + PER_MEMBER_MEASURES]
     if bad:
         return f"measure(s) {bad} have no batched version"
     if "sharpness" in cfg.measures and cfg.sharpness_method != "sgd":
@@ -162,6 +168,9 @@ def run_ensemble(cfgs: list[dict[str, Any]], *, memory_budget: int = DEFAULT_MEM
         _measure_spectral_norm(ok, runs, tasks, models, records, memory_budget)
     if ok and ("log_prior" in which or "pac_bayes" in which):
         _measure_prior(ok, cfg0, tasks, models, records)
+    per_member = tuple(m for m in which if m in PER_MEMBER_MEASURES)
+    if ok and per_member:
+        _measure_per_member(ok, runs, tasks, models, records, per_member)
     return _final_records(outs, records, (time.perf_counter() - t_start) / len(runs))
 
 
@@ -223,6 +232,19 @@ def _measure_spectral_norm(ok: list[int], runs: list, tasks: list, models: list,
     dt = (time.perf_counter() - t0) / len(ok)
     for i, v in zip(ok, res, strict=True):
         records[i].update(spectral_norm=v, spectral_norm_time_s=dt)
+
+
+def _measure_per_member(ok: list[int], runs: list, tasks: list, models: list, records: list,
+                        which: tuple[str, ...]) -> None:
+    """Add the measures ``which`` (of :data:`PER_MEMBER_MEASURES`) member by member.
+
+    Through :func:`flatprior.pipeline.compute_measures`, the per-run path's own dispatch, so each
+    value and its ``<measure>_time_s`` are what that path records for the same network.
+    """
+    from flatprior.pipeline import compute_measures
+
+    for i in ok:
+        records[i].update(compute_measures(models[i], tasks[i], runs[i], which))
 
 
 def _measure_prior(ok: list[int], cfg0, tasks: list, models: list, records: list) -> None:
