@@ -40,7 +40,66 @@ PER_MEMBER_MEASURES = ("sharpness_lbfgsb",)
 #: faster per member: Boolean batch 1, training only, loaded machine: M = 200: ~29 ms per
 #: member, M = 1000: ~24 ms)
 DEFAULT_ENSEMBLE_SIZE = 250
+#: bytes an ensemble may use for its stacked networks and measures (``--memory-budget``)
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
+#: size suffixes of :func:`parse_memory_budget` (decimal kB/MB/GB/TB as in Dask, binary *iB)
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory_budget(text: str | int) -> int:
+    """``"512MB"``, ``"2GB"``, ``"1.5GiB"``, ``"4096"`` (bytes) -> bytes (int > 0).
+
+    Units as in Dask: ``kB/MB/GB/TB`` are powers of 1000, ``KiB/MiB/GiB/TiB`` of 1024;
+    case-insensitive, a space before the unit allowed.
+
+    Raises:
+        FlatpriorError: not a positive size with a known unit (one line).
+    """
+    import re
+
+    if isinstance(text, int) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text),
+                         flags=re.IGNORECASE)
+        if m is None or m.group(2).lower() not in _UNITS:
+            raise FlatpriorError(
+                f"--memory-budget {text!r}: give a size like 512MB, 2GB or 1.5GiB"
+            )
+        value, unit = float(m.group(1)), m.group(2).lower()
+    size = int(value * _UNITS[unit])
+    if size < 1:
+        raise FlatpriorError(f"--memory-budget {text!r}: must be at least 1 byte (e.g. 2GB)")
+    return size
+
+
+def check_memory_budget(cfgs: list, memory_budget: int) -> None:
+    """Fail fast when one member of an ensemble would not fit ``memory_budget`` bytes.
+
+    For each group of compatible runs (:func:`group_key`), the member with the most data is
+    sized by :func:`flatprior.train.ensemble.stacked_memory_per_member` (what
+    :func:`flatprior.train.train_ensemble` checks inside each work item, where the error would
+    fail every member instead of stopping the sweep).
+
+    Raises:
+        FlatpriorError: the budget is below one member's need (the trainer's one-line error).
+    """
+    from flatprior.pipeline import build_model, build_task
+    from flatprior.train.ensemble import budget_error, stacked_memory_per_member
+
+    largest: dict[str, Any] = {}
+    for cfg in cfgs:
+        g = group_key(cfg)
+        size = cfg.n_train + cfg.n_attack + cfg.n_test
+        if g is not None and (g not in largest or size > largest[g][0]):
+            largest[g] = (size, cfg)
+    for _, cfg in largest.values():
+        task = build_task(cfg)
+        per = stacked_memory_per_member(build_model(cfg, task.input_shape), task,
+                                        cfg.train_config())
+        if per > memory_budget:
+            raise budget_error(per, memory_budget)
 
 
 def why_not_ensemble(cfg) -> str | None:

@@ -379,6 +379,24 @@ def stacked_memory_per_member(
     return elt * (p * (2 * n_state + 4) + 3 * batch * act + 2 * n_eval * act + 4 * n_fit)
 
 
+def format_bytes(n: float) -> str:
+    """``n`` bytes as ``"512 B"``, ``"52.1 KiB"``, ``"1.5 GiB"`` (binary units)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def budget_error(per_member: int, memory_budget: int) -> FlatpriorError:
+    """The one-line error for a memory budget below one member's need."""
+    return FlatpriorError(
+        f"one network needs ~{format_bytes(per_member)} but memory_budget is "
+        f"{format_bytes(memory_budget)}; raise memory_budget (flatprior run --memory-budget) or "
+        "train it with --ensemble off"
+    )
+
+
 def train_ensemble(
     models: Sequence[nn.Module],
     tasks: Sequence[Task] | Task,
@@ -445,10 +463,7 @@ def train_ensemble(
     per = max(stacked_memory_per_member(mod, t, config) for mod, t in zip(models, tasks,
                                                                           strict=True))
     if per > memory_budget:
-        raise FlatpriorError(
-            f"one network needs ~{per / 2**20:.0f} MiB but memory_budget is "
-            f"{memory_budget / 2**20:.0f} MiB; raise memory_budget or train it with --ensemble off"
-        )
+        raise budget_error(per, memory_budget)
     chunk = max(1, memory_budget // per)
     out: list[EnsembleOutcome] = []
     for start in range(0, len(models), chunk):
