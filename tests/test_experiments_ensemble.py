@@ -231,3 +231,27 @@ def test_paper_preset_lbfgsb_sharpness_is_computed_per_member():
         # the same measure on nets equal to float32 training rounding (as sharpness above)
         assert _close(e["sharpness_lbfgsb"], r["sharpness_lbfgsb"], 1e-4)
         assert e["sharpness_lbfgsb_time_s"] > 0
+
+
+@pytest.mark.parametrize(("patience", "tol", "epochs"), [(10, 1e-4, 30), (1, 1e-3, 30)])
+def test_batched_sharpness_whole_set_path_equals_single_network(patience, tol, epochs):
+    # Boolean system: |S| = 64 <= batch 128, one step per epoch (the fused-forward path);
+    # members with their own sets of one size, and one shared set; patience stops them apart
+    from flatprior.data import make_task
+
+    tasks = [make_task("boolean", 64, 0, 64, seed) for seed in range(3)]
+    models = [make_model("fcn", (7,), hidden=(40, 40), seed=i) for i in range(4)]
+    for sets in ([t.x_train for t in tasks] + [tasks[0].x_train],
+                 [tasks[0].x_train] * 4):
+        ys = [next(t.y_train for t in tasks if t.x_train is x) for x in sets]
+        bs = batched_keskar_sharpness(models, sets, ys, 1e-3, lr=0.05, epochs=epochs,
+                                      patience=patience, tol=tol, seeds=[4, 5, 6, 7])
+        for i, m in enumerate(models):
+            ref = keskar_sharpness(m, nn.BCEWithLogitsLoss(), sets[i], ys[i].reshape(-1, 1),
+                                   1e-3, "sgd", lr=0.05, epochs=epochs, patience=patience,
+                                   tol=tol, seed=4 + i, return_details=True)
+            assert bs.value[i] == pytest.approx(ref.value, rel=1e-6)
+            assert bs.n_steps[i] == ref.n_steps
+            assert bs.base_loss[i] == pytest.approx(ref.base_loss, rel=1e-12)
+        if patience == 1:
+            assert len(set(bs.n_steps)) > 1  # members stopped at different epochs
