@@ -10,9 +10,9 @@ measures without a batched or per-member version (``logprod_topk``, ``trace``,
 ``relative_flatness``).
 
 Values per member equal the per-run path's (training: float32 rounding; measures: the batched
-versions in :mod:`flatprior.flatness.batched`, tested to 1e-6 relative; the measures of
-:data:`PER_MEMBER_MEASURES`: the per-run function itself, member by member; log P(f): the same
-estimator, once per distinct function, batched over functions for EP). Wall times:
+versions in :mod:`flatprior.flatness.batched`, tested to 1e-6 relative, L-BFGS-B sharpness
+included; log P(f): the same estimator, once per distinct function, batched over functions for
+EP). Wall times:
 ``train_time_s``, ``<measure>_time_s`` and ``wall_time_s`` are the ensemble's times divided by
 its members (so they add up to the real total); ``history[*].epoch_time_s`` likewise.
 """
@@ -31,11 +31,7 @@ from flatprior.errors import FlatpriorError
 #: config fields that may differ between members of one ensemble
 MEMBER_FIELDS = ("seed", "data_seed", "n_train", "n_attack", "n_test", "boolean_target")
 #: measures with a batched (or per-distinct-function) implementation
-ENSEMBLE_MEASURES = ("sharpness", "spectral_norm", "log_prior", "pac_bayes")
-#: measures an ensemble computes member by member with the per-run registry function (the same
-#: call on the same network as the per-run path; seeded by the run's own seed): the paper
-#: presets store ``sharpness_lbfgsb`` beside the ascent's sharpness
-PER_MEMBER_MEASURES = ("sharpness_lbfgsb",)
+ENSEMBLE_MEASURES = ("sharpness", "sharpness_lbfgsb", "spectral_norm", "log_prior", "pac_bayes")
 #: default members per ensemble task (progress and resume granularity; larger M is a little
 #: faster per member: Boolean batch 1, training only, loaded machine: M = 200: ~29 ms per
 #: member, M = 1000: ~24 ms)
@@ -120,7 +116,7 @@ def why_not_ensemble(cfg) -> str | None:
         return "per-epoch measures"
     if cfg.alpha_epoch is not None:
         return "alpha-scaling"
-    bad = [m for m in cfg.measures if m not in ENSEMBLE_MEASURES + PER_MEMBER_MEASURES]
+    bad = [m for m in cfg.measures if m not in ENSEMBLE_MEASURES]
     if bad:
         return f"measure(s) {bad} have no batched version"
     if "sharpness" in cfg.measures and cfg.sharpness_method != "sgd":
@@ -227,9 +223,8 @@ def run_ensemble(cfgs: list[dict[str, Any]], *, memory_budget: int = DEFAULT_MEM
         _measure_spectral_norm(ok, runs, tasks, models, records, memory_budget)
     if ok and ("log_prior" in which or "pac_bayes" in which):
         _measure_prior(ok, cfg0, tasks, models, records)
-    per_member = tuple(m for m in which if m in PER_MEMBER_MEASURES)
-    if ok and per_member:
-        _measure_per_member(ok, runs, tasks, models, records, per_member)
+    if ok and "sharpness_lbfgsb" in which:
+        _measure_sharpness_lbfgsb(ok, runs, tasks, models, records, memory_budget)
     return _final_records(outs, records, (time.perf_counter() - t_start) / len(runs))
 
 
@@ -293,17 +288,23 @@ def _measure_spectral_norm(ok: list[int], runs: list, tasks: list, models: list,
         records[i].update(spectral_norm=v, spectral_norm_time_s=dt)
 
 
-def _measure_per_member(ok: list[int], runs: list, tasks: list, models: list, records: list,
-                        which: tuple[str, ...]) -> None:
-    """Add the measures ``which`` (of :data:`PER_MEMBER_MEASURES`) member by member.
+def _measure_sharpness_lbfgsb(ok: list[int], runs: list, tasks: list, models: list,
+                              records: list, memory_budget: int) -> None:
+    """Add the L-BFGS-B Keskar sharpness of the members ``ok`` (lockstep, batched f and g).
 
-    Through :func:`flatprior.pipeline.compute_measures`, the per-run path's own dispatch, so each
-    value and its ``<measure>_time_s`` are what that path records for the same network.
+    As :func:`flatprior.pipeline.sharpness_lbfgsb` (maxiter 10, float64, on S); the time is the
+    batched measure's wall time divided by the members.
     """
-    from flatprior.pipeline import compute_measures
+    from flatprior.flatness.batched import batched_lbfgsb_sharpness
 
-    for i in ok:
-        records[i].update(compute_measures(models[i], tasks[i], runs[i], which))
+    cfg0 = runs[0]
+    t0 = time.perf_counter()
+    res = _chunked(ok, models, memory_budget, lambda idx: batched_lbfgsb_sharpness(
+        [models[i] for i in idx], [tasks[i].x_train for i in idx],
+        [tasks[i].y_train for i in idx], cfg0.sharpness_eps), lbfgsb=True)
+    dt = (time.perf_counter() - t0) / len(ok)
+    for i, (value, _steps) in zip(ok, res, strict=True):
+        records[i].update(sharpness_lbfgsb=value, sharpness_lbfgsb_time_s=dt)
 
 
 def _measure_prior(ok: list[int], cfg0, tasks: list, models: list, records: list) -> None:
@@ -408,14 +409,15 @@ def _final_records(outs: list, records: list, wall: float) -> list[dict[str, Any
     return out
 
 
-def _chunked(ok: list[int], models, budget: int, fn, lanczos: bool = False) -> list:
+def _chunked(ok: list[int], models, budget: int, fn, lanczos: bool = False,
+             lbfgsb: bool = False) -> list:
     """Apply a batched measure to the members ``ok`` in chunks that fit ``budget`` bytes.
 
-    The size estimate: float64 parameters x a few copies, or the Lanczos basis of up to 300
-    vectors.
+    The size estimate: float64 parameters x a few copies, the Lanczos basis of up to 300
+    vectors, or scipy's L-BFGS-B work arrays (``2 m p + 5 p`` floats, ``m = 10``) besides.
     """
     p = sum(q.numel() for q in models[ok[0]].parameters())
-    per = 8 * p * (min(300, p) + 8 if lanczos else 16)
+    per = 8 * p * (min(300, p) + 8 if lanczos else 41 if lbfgsb else 16)
     size = max(1, budget // per)
     out: list = []
     for s in range(0, len(ok), size):
