@@ -60,6 +60,14 @@ class _Stack:
     lens: Tensor
     forward: object
 
+    def subset(self, idx: list[int]) -> _Stack:
+        """The members ``idx`` only (each member's numbers do not depend on the others)."""
+        if len(idx) == self.w0.shape[0]:
+            return self
+        t = torch.tensor(idx, dtype=torch.long)
+        return _Stack(self.w0[t], self.shapes, self.numels, self.x[t], self.y[t], self.mask[t],
+                      self.lens[t], self.forward)
+
     def params(self, theta: Tensor) -> list[Tensor]:
         m = theta.shape[0]
         return [c.reshape(m, *s) for c, s in
@@ -373,21 +381,20 @@ def batched_lbfgsb_sharpness(
     best = list(base)
     members = [_LbfgsbMember(rn[m], maxiter) for m in range(M)]
     waiting = [m for m in range(M) if members[m].advance()]
-    while waiting:
-        z = torch.zeros_like(st.w0)
-        for m in waiting:  # f and g at the clipped point, as keskar's fun(zn) does
-            z[m] = torch.from_numpy(np.clip(members[m].x, -rn[m], rn[m])).to(st.w0.dtype)
-        vals, grads = _loss_and_grad(st, z, eval_batch_size)
+    while waiting:  # only the members that asked (line searches desynchronise the members)
+        # f and g at the clipped point, as keskar's fun(zn) does
+        z = torch.from_numpy(np.stack([np.clip(members[m].x, -rn[m], rn[m]) for m in waiting]))
+        vals, grads = _loss_and_grad(st.subset(waiting), z.to(st.w0.dtype), eval_batch_size)
         vals_l = vals.tolist()
         gn = grads.detach().double().numpy()
-        for m in waiting:
-            val = vals_l[m]
+        for j, m in enumerate(waiting):
+            val = vals_l[j]
             if not math.isfinite(val):
                 raise FlatpriorError("a member's loss is NaN/inf inside the sharpness box")
             if val > best[m]:
                 best[m] = val
             members[m].f[...] = -val
-            members[m].g[:] = -gn[m]
+            members[m].g[:] = -gn[j]
         waiting = [m for m in waiting if members[m].advance()]
     value = [100.0 * (b - b0) / (1.0 + b0) for b, b0 in zip(best, base, strict=True)]
     return BatchedSharpness(value, best, base, [mem.n_iter for mem in members])
