@@ -256,6 +256,17 @@ def test_batched_sharpness_whole_set_path_equals_single_network(patience, tol, e
             assert bs.base_loss[i] == pytest.approx(ref.base_loss, rel=1e-12)
         if patience == 1:
             assert len(set(bs.n_steps)) > 1  # members stopped at different epochs
+        # the written-out FCN gradient (fcn_bce_and_grads) is autograd's: the same bits
+        import flatprior.flatness.batched as batched_mod
+
+        mp = pytest.MonkeyPatch()
+        mp.setattr(batched_mod, "fcn_forward", object())  # -> the autograd branch
+        try:
+            auto = batched_keskar_sharpness(models, sets, ys, 1e-3, lr=0.05, epochs=epochs,
+                                            patience=patience, tol=tol, seeds=[4, 5, 6, 7])
+        finally:
+            mp.undo()
+        assert (auto.value, auto.max_loss, auto.n_steps) == (bs.value, bs.max_loss, bs.n_steps)
 
 
 def test_batched_lbfgsb_sharpness_equals_scipy_per_member():

@@ -179,8 +179,7 @@ def test_written_out_fcn_gradients_are_autograds_bit_for_bit(hidden, batch, mode
     # the bmm backend's step skips the autograd engine: its gradients must be autograd's, exactly
     from torch import nn
 
-    from flatprior.models.stacked import fcn_forward, stack_parameters
-    from flatprior.train.ensemble import _fcn_losses_and_grads
+    from flatprior.models.stacked import fcn_bce_and_grads, fcn_forward, stack_parameters
 
     gen = torch.Generator().manual_seed(batch + len(hidden))
     M = 7
@@ -194,7 +193,11 @@ def test_written_out_fcn_gradients_are_autograds_bit_for_bit(hidden, batch, mode
         w[:, 0] = 1.0
         w[3] = 0.0
         weight = w / w.sum(1, keepdim=True).clamp(min=1)
-    losses, grads = _fcn_losses_and_grads(ps, xb, yb, weight, mode == "mean")
+    row_grad = weight if weight is not None else (
+        torch.ones_like(yb) / batch if mode == "mean" else None)
+    bce_rows, grads = fcn_bce_and_grads(ps, xb, yb, row_grad)
+    losses = ((bce_rows * weight).sum(1) if weight is not None
+              else bce_rows.mean(1) if mode == "mean" else bce_rows.sum(1))
     leaves = [p.detach().clone().requires_grad_(True) for p in ps]
     bce = nn.functional.binary_cross_entropy_with_logits(fcn_forward(leaves, xb), yb,
                                                          reduction="none")

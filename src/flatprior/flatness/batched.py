@@ -38,6 +38,8 @@ from flatprior.errors import FlatpriorError, check_positive
 from flatprior.flatness._common import batches, check_int
 from flatprior.models.stacked import (
     check_same_architecture,
+    fcn_bce_and_grads,
+    fcn_forward,
     stack_parameters,
     stacked_forward,
 )
@@ -425,6 +427,25 @@ def _stalled(m: int, cur: list[float], best: list[float], base: list[float], sta
     stalled[m] = stalled[m] + 1 if gain <= tol * max(best[m] - base[m], 0.0) else 0
 
 
+def _rows_and_grad(st: _Stack, z: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
+    """Row losses ``[M, N]`` at ``w0 + z`` and the gradient of the members' summed mean losses.
+
+    ``d/dz sum_m (sum_rows masked loss) / n_m``; for FCNs (the ``bmm`` forward) by
+    :func:`flatprior.models.stacked.fcn_bce_and_grads`, autograd's own formulas without the
+    engine (the same bits), else by autograd.
+    """
+    if st.forward is fcn_forward:
+        # what autograd sends back to the rows: 1 / n_m, masked like the rows
+        row_grad = (torch.ones_like(n) / n)[:, None].expand_as(st.y).masked_fill(~st.mask, 0.0)
+        with torch.no_grad():
+            rows, grads = fcn_bce_and_grads(st.params(st.w0 + z), st.x, st.y, row_grad)
+        return rows, torch.cat([q.reshape(z.shape[0], -1) for q in grads], dim=1)
+    zz = z.detach().requires_grad_(True)
+    rows = st.row_losses(st.w0 + zz, st.x, st.y)
+    (g,) = torch.autograd.grad((rows.masked_fill(~st.mask, 0.0).sum(1) / n).sum(), zz)
+    return rows.detach(), g
+
+
 def _ascent_whole_set(st: _Stack, r: Tensor, lr: float, epochs: int, patience: int, tol: float,
                       base: list[float]) -> tuple[list[float], list[int]]:
     """The ascent when every member's set is one minibatch and one evaluation batch.
@@ -446,16 +467,13 @@ def _ascent_whole_set(st: _Stack, r: Tensor, lr: float, epochs: int, patience: i
     best, stalled, steps = list(base), [0] * M, [0] * M
     running = torch.ones(M, dtype=torch.bool)
     z = torch.zeros_like(st.w0)
-    zz = z.requires_grad_(True)
-    rows = st.row_losses(st.w0 + zz, st.x, st.y)
+    rows, g = _rows_and_grad(st, z, n)
     for epoch in range(1, epochs + 1):
         act = running.nonzero().flatten().tolist()
-        (g,) = torch.autograd.grad((rows.masked_fill(~st.mask, 0.0).sum(1) / n).sum(), zz)
         with torch.no_grad():
             z = torch.where(running[:, None], torch.clamp(z + lr * g, -r, r), z)
-        zz = z.detach().requires_grad_(True)
-        rows = st.row_losses(st.w0 + zz, st.x, st.y)
-        means = (rows.detach().masked_fill(~st.mask, 0.0).sum(1) / n).tolist()
+        rows, g = _rows_and_grad(st, z, n)
+        means = (rows.masked_fill(~st.mask, 0.0).sum(1) / n).tolist()
         cur = [lb * k / k for lb, k in zip(means, lens, strict=True)]
         if not all(math.isfinite(cur[m]) for m in act):
             raise FlatpriorError("a member's loss is NaN/inf inside the sharpness box")
