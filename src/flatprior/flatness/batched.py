@@ -322,15 +322,11 @@ def _loss_and_grad(st: _Stack, z: Tensor, eval_bs: int | None) -> tuple[Tensor, 
     full_loss_and_grad` does.
     """
     n = st.lens.to(st.w0.dtype)
-    zz = z.detach().requires_grad_(True)
     total = torch.zeros(z.shape[0], dtype=z.dtype)
     grad = torch.zeros_like(z)
     for sl in batches(st.x.shape[1], eval_bs):
-        rows = st.row_losses(st.w0 + zz, st.x[:, sl], st.y[:, sl]).masked_fill(~st.mask[:, sl],
-                                                                              0.0)
-        part = rows.sum(1) / n
-        (g,) = torch.autograd.grad(part.sum(), zz)
-        total += part.detach()
+        rows, g = _rows_and_grad(st, z, n, sl)
+        total += rows.sum(1) / n
         grad += g
     return total, grad
 
@@ -427,22 +423,25 @@ def _stalled(m: int, cur: list[float], best: list[float], base: list[float], sta
     stalled[m] = stalled[m] + 1 if gain <= tol * max(best[m] - base[m], 0.0) else 0
 
 
-def _rows_and_grad(st: _Stack, z: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
-    """Row losses ``[M, N]`` at ``w0 + z`` and the gradient of the members' summed mean losses.
+def _rows_and_grad(st: _Stack, z: Tensor, n: Tensor, sl: slice = slice(None)
+                   ) -> tuple[Tensor, Tensor]:
+    """Masked row losses at ``w0 + z`` (rows ``sl``) and the gradient of their summed means.
 
-    ``d/dz sum_m (sum_rows masked loss) / n_m``; for FCNs (the ``bmm`` forward) by
+    ``d/dz sum_m (sum_{rows in sl} masked loss) / n_m``; for FCNs (the ``bmm`` forward) by
     :func:`flatprior.models.stacked.fcn_bce_and_grads`, autograd's own formulas without the
     engine (the same bits), else by autograd.
     """
+    x, y, mask = st.x[:, sl], st.y[:, sl], st.mask[:, sl]
     if st.forward is fcn_forward:
         # what autograd sends back to the rows: 1 / n_m, masked like the rows
-        row_grad = (torch.ones_like(n) / n)[:, None].expand_as(st.y).masked_fill(~st.mask, 0.0)
+        row_grad = (torch.ones_like(n) / n)[:, None].expand_as(y).masked_fill(~mask, 0.0)
         with torch.no_grad():
-            rows, grads = fcn_bce_and_grads(st.params(st.w0 + z), st.x, st.y, row_grad)
-        return rows, torch.cat([q.reshape(z.shape[0], -1) for q in grads], dim=1)
+            rows, grads = fcn_bce_and_grads(st.params(st.w0 + z), x, y, row_grad)
+        return (rows.masked_fill(~mask, 0.0),
+                torch.cat([q.reshape(z.shape[0], -1) for q in grads], dim=1))
     zz = z.detach().requires_grad_(True)
-    rows = st.row_losses(st.w0 + zz, st.x, st.y)
-    (g,) = torch.autograd.grad((rows.masked_fill(~st.mask, 0.0).sum(1) / n).sum(), zz)
+    rows = st.row_losses(st.w0 + zz, x, y).masked_fill(~mask, 0.0)
+    (g,) = torch.autograd.grad((rows.sum(1) / n).sum(), zz)
     return rows.detach(), g
 
 
@@ -473,7 +472,7 @@ def _ascent_whole_set(st: _Stack, r: Tensor, lr: float, epochs: int, patience: i
         with torch.no_grad():
             z = torch.where(running[:, None], torch.clamp(z + lr * g, -r, r), z)
         rows, g = _rows_and_grad(st, z, n)
-        means = (rows.masked_fill(~st.mask, 0.0).sum(1) / n).tolist()
+        means = (rows.sum(1) / n).tolist()
         cur = [lb * k / k for lb, k in zip(means, lens, strict=True)]
         if not all(math.isfinite(cur[m]) for m in act):
             raise FlatpriorError("a member's loss is NaN/inf inside the sharpness box")
