@@ -5,14 +5,13 @@ One record each, with the same fields as :func:`flatprior.pipeline.run`.
 Runs are compatible when their configs differ only in :data:`MEMBER_FIELDS` (seed, data seed,
 sizes of S/A/E, Boolean target): one architecture, dataset and optimizer configuration. A run
 takes the per-run path instead (``why_not_ensemble`` says why) for a non-FCN model, per-epoch
-measures, alpha-scaling, Entropy-SGD/FAM/augmentation, L-BFGS-B as *the* sharpness method, or
-measures without a batched or per-member version (``logprod_topk``, ``trace``,
-``relative_flatness``).
+measures, alpha-scaling, Entropy-SGD/FAM/augmentation, L-BFGS-B as *the* sharpness method
+(``sharpness_method="lbfgsb"``; the separate ``sharpness_lbfgsb`` measure is batched), or
+measures without a batched version (``logprod_topk``, ``trace``, ``relative_flatness``).
 
 Values per member equal the per-run path's (training: float32 rounding; measures: the batched
-versions in :mod:`flatprior.flatness.batched`, tested to 1e-6 relative, L-BFGS-B sharpness
-included; log P(f): the same estimator, once per distinct function, batched over functions for
-EP). Wall times:
+versions in :mod:`flatprior.flatness.batched`, tested to 1e-6 relative; log P(f): the same
+estimator, once per distinct function, batched over the functions for EP). Wall times:
 ``train_time_s``, ``<measure>_time_s`` and ``wall_time_s`` are the ensemble's times divided by
 its members (so they add up to the real total); ``history[*].epoch_time_s`` likewise.
 """
