@@ -11,6 +11,9 @@ worker processes, measured in the same process run:
   both paths on all runs. Goal: >= 3x.
 * ``--backends``: one training step (forward + backward) of the stacked ``bmm`` and ``vmap``
   forwards on both systems.
+* ``--profile M``: where the time of ONE ensemble of M Boolean paper-preset members goes, in
+  this process (one thread): training, each batched measure, log P(f) (kernel + batched EP over
+  the distinct functions) and the per-member L-BFGS-B sharpness, from the records' times.
 
 The records of the runs both paths made are compared: how many have the same status, stopping
 epoch and function (float32 rounding differs between batched and single matmuls, and over
@@ -19,6 +22,7 @@ difference of the measures on those.
 
 Usage: python benchmarks/bench_ensemble.py [--quick] [--workers 2] [--data-root DIR]
        [--boolean-runs N] [--baseline-runs N] [--skip-boolean] [--skip-mnist] [--backends]
+       [--profile M]
 """
 
 from __future__ import annotations
@@ -78,6 +82,26 @@ def bench_boolean(n_runs: int, n_base: int, workers: int) -> None:
     print(f"  distinct functions among {n_runs} runs: {n_fun} (log P(f) computed once each)")
 
 
+def profile_boolean(m: int) -> None:
+    from flatprior.experiments.ensemble import run_ensemble
+    from flatprior.experiments.specs import resolve
+
+    configs = resolve("fig2-boolean", "paper", None, {"seed": list(range(m))}).configs
+    t0 = time.perf_counter()
+    recs = run_ensemble(configs)
+    wall = time.perf_counter() - t0
+    print(f"\none ensemble of {m} Boolean paper-preset members in this process: {wall:.1f} s "
+          f"({wall / m * 1e3:.1f} ms per member)")
+    phases = ("train", "sharpness", "sharpness_lbfgsb", "spectral_norm", "kernel", "log_prior")
+    for ph in phases:
+        total = sum(r.get(f"{ph}_time_s", 0.0) for r in recs)
+        print(f"  {ph:<17s} {total:6.2f} s  ({total / m * 1e3:5.1f} ms per member)")
+    other = wall - sum(sum(r.get(f"{ph}_time_s", 0.0) for r in recs) for ph in phases)
+    print(f"  {'other':<17s} {other:6.2f} s  (records, kernels' inputs, predictions)")
+    n_fun = len({r["function"] for r in recs})
+    print(f"  distinct functions: {n_fun} (one batched EP call over them)")
+
+
 def bench_mnist(data_root: str, workers: int, quick: bool) -> None:
     from flatprior.experiments.runner import preflight
     from flatprior.experiments.specs import resolve
@@ -130,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip-boolean", action="store_true")
     ap.add_argument("--skip-mnist", action="store_true")
     ap.add_argument("--backends", action="store_true", help="only the bmm/vmap step timing")
+    ap.add_argument("--profile", type=int, default=None, metavar="M",
+                    help="only: where one ensemble of M Boolean members spends its time")
     ap.add_argument(
         "--data-root",
         default=os.environ.get(
@@ -143,6 +169,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     if args.backends:
         bench_backends(5 if args.quick else 30)
+        return
+    if args.profile:
+        profile_boolean(args.profile)
         return
     if not args.skip_boolean:
         n = args.boolean_runs or (100 if args.quick else 1000)

@@ -78,3 +78,71 @@ def test_database_from_another_version(cli, tmp_path):
     p = cli("run", "fig3", "--set", "seed=0", "--set", "n_attack=0", "--out", str(db))
     lines = [ln for ln in p.stderr.splitlines() if ln.strip() and "runs; sweep over" not in ln]
     assert p.returncode == 2 and len(lines) == 1 and "schema version 99" in lines[0]
+
+
+_BOOL_RUN = ["run", "fig2-boolean", "--set", "seed=[0,1,2]", "--set", "batch_size=8",
+             "--set", "lr=0.01", "--set", "max_epochs=300", "--set", "measures=none",
+             "--workers", "1", "--no-progress", "--ensemble", "auto"]
+
+
+@pytest.mark.parametrize(
+    ("budget", "match"),
+    [
+        ("lots", "--memory-budget 'lots': give a size like 512MB, 2GB or 1.5GiB"),
+        ("-5MB", "give a size like"),
+        ("2 GBs", "give a size like"),
+        ("0GB", "must be at least 1 byte"),
+        # one Boolean member needs ~150 kB (parameters, gradient, momentum, activations)
+        ("10kB", "but memory_budget is 9.8 KiB; raise memory_budget (flatprior run "
+                 "--memory-budget) or train it with --ensemble off"),
+    ],
+)
+def test_memory_budget_bad_values_one_line_exit_2(cli, tmp_path, budget, match):
+    db = tmp_path / "r.db"
+    p = cli(*_BOOL_RUN, "--out", db, "--memory-budget", budget)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip() and "runs; sweep over" not in ln]
+    assert p.returncode == 2, p.stderr
+    assert len(lines) == 1 and "Traceback" not in p.stderr and match in lines[0], p.stderr
+    if db.exists():  # checked before any run: nothing stored
+        assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM runs").fetchone() == (0,)
+
+
+def test_memory_budget_chunks_the_ensemble_same_functions(cli, tmp_path):
+    from flatprior.experiments import ensemble as ens
+    from flatprior.train import ensemble as train_ens
+
+    chunks = []
+    real = train_ens._train_chunk
+
+    def spy(models, *a, **k):
+        chunks.append(len(models))
+        return real(models, *a, **k)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(train_ens, "_train_chunk", spy)
+    try:
+        small = cli(*_BOOL_RUN, "--out", tmp_path / "small.db", "--memory-budget", "200kB")
+        assert small.returncode == 0, small.stderr
+        assert chunks == [1, 1, 1]  # 200 kB holds one member: three chunks of one
+        chunks.clear()
+        big = cli(*_BOOL_RUN, "--out", tmp_path / "big.db", "--memory-budget", "2GB")
+        assert big.returncode == 0, big.stderr
+        assert chunks == [3]
+    finally:
+        mp.undo()
+    assert ens.parse_memory_budget("1.5GiB") == 3 * 2**29
+    recs = {}
+    for name in ("small", "big"):
+        con = sqlite3.connect(tmp_path / f"{name}.db")
+        recs[name] = {json.loads(r)["key"]: json.loads(r)
+                      for (r,) in con.execute("SELECT record FROM runs")}
+    assert set(recs["small"]) == set(recs["big"]) and len(recs["small"]) == 3
+    for k, r in recs["small"].items():
+        b = recs["big"][k]
+        assert r["status"] == b["status"] == "zero_error"
+        assert (r["function"], r["epochs_to_zero_error"]) == (b["function"],
+                                                              b["epochs_to_zero_error"])
+    # the option is for ensembles: with --ensemble off it is accepted with a note
+    off = cli(*_BOOL_RUN[:-2], "--ensemble", "off", "--out", tmp_path / "big.db",
+              "--memory-budget", "1GB")
+    assert off.returncode == 0 and "applies to ensembles only" in off.stderr

@@ -170,3 +170,40 @@ def test_diverged_cap_message_matches_single_trainer():
         assert o.result.message.split(" (train accuracy")[0] == ref.message.split(
             " (train accuracy")[0]
     assert any(r.message.startswith("diverged:") for _, r in singles)
+
+
+@pytest.mark.parametrize("hidden", [(40, 40), (12, 8, 5)])
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("mode", ["mean", "sum", "weight"])
+def test_written_out_fcn_gradients_are_autograds_bit_for_bit(hidden, batch, mode):
+    # the bmm backend's step skips the autograd engine: its gradients must be autograd's, exactly
+    from torch import nn
+
+    from flatprior.models.stacked import fcn_bce_and_grads, fcn_forward, stack_parameters
+
+    gen = torch.Generator().manual_seed(batch + len(hidden))
+    M = 7
+    models = [make_model("fcn", (7,), hidden=hidden, seed=s) for s in range(M)]
+    ps = stack_parameters(models)
+    xb = torch.rand(M, batch, 7, generator=gen).round()
+    yb = (torch.rand(M, batch, generator=gen) > 0.5).float()
+    weight = None
+    if mode == "weight":  # ragged batches: some rows padded out, one member sits out
+        w = (torch.rand(M, batch, generator=gen) > 0.3).float()
+        w[:, 0] = 1.0
+        w[3] = 0.0
+        weight = w / w.sum(1, keepdim=True).clamp(min=1)
+    row_grad = weight if weight is not None else (
+        torch.ones_like(yb) / batch if mode == "mean" else None)
+    bce_rows, grads = fcn_bce_and_grads(ps, xb, yb, row_grad)
+    losses = ((bce_rows * weight).sum(1) if weight is not None
+              else bce_rows.mean(1) if mode == "mean" else bce_rows.sum(1))
+    leaves = [p.detach().clone().requires_grad_(True) for p in ps]
+    bce = nn.functional.binary_cross_entropy_with_logits(fcn_forward(leaves, xb), yb,
+                                                         reduction="none")
+    ref = ((bce * weight).sum(1) if weight is not None
+           else bce.mean(1) if mode == "mean" else bce.sum(1))
+    ref_grads = torch.autograd.grad(ref.sum(), leaves)
+    assert torch.equal(losses, ref)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert g.shape == r.shape and torch.equal(g, r)

@@ -238,6 +238,11 @@ def run_cmd(
                           "as ensembles (much faster for Boolean sweeps; float32 results then "
                           "differ from the per-run path after long training)")
     ] = "off",
+    memory_budget: Annotated[
+        str | None, typer.Option(help="memory one ensemble may use, e.g. 512MB, 2GB, 1.5GiB "
+                                 "(--ensemble auto; members are trained and measured in chunks "
+                                 "that fit; default 2GiB)")
+    ] = None,
 ) -> None:
     """Run an experiment spec (resumable: finished runs in --out are skipped)."""
     from flatprior.experiments.runner import import_run_fn, preflight, run_sweep
@@ -245,6 +250,14 @@ def run_cmd(
 
     if workers is not None and workers < 1:
         raise FlatpriorError(f"--workers must be >= 1, got {workers}")
+    budget = None
+    if memory_budget is not None:
+        from flatprior.experiments.ensemble import parse_memory_budget
+
+        budget = parse_memory_budget(memory_budget)
+        if ensemble != "auto":
+            err.print("[yellow]note:[/] --memory-budget applies to ensembles only "
+                      "(--ensemble auto)")
     res = _resolve_cli(spec, variant, preset, sets, config, data_root, data_path, label_column)
     fn = import_run_fn(run_fn) if run_fn else None
     sweep = ", ".join(f"{k} ({len(v)})" for k, v in res.sweep.items()) or "none"
@@ -259,7 +272,7 @@ def run_cmd(
         summary = run_sweep(
             res.configs, store, res.label, info=res.info(), run_fn=fn, workers=workers,
             scheduler=scheduler, retry_failed=retry_failed, progress=progress, console=err,
-            ensemble=ensemble,
+            ensemble=ensemble, memory_budget=budget,
         )
     err.print(summary.line())
     if summary.failed:

@@ -5,14 +5,15 @@ One record each, with the same fields as :func:`flatprior.pipeline.run`.
 Runs are compatible when their configs differ only in :data:`MEMBER_FIELDS` (seed, data seed,
 sizes of S/A/E, Boolean target): one architecture, dataset and optimizer configuration. A run
 takes the per-run path instead (``why_not_ensemble`` says why) for a non-FCN model, per-epoch
-measures, alpha-scaling, Entropy-SGD/FAM/augmentation, L-BFGS-B sharpness, or measures without a
-batched version (``logprod_topk``, ``trace``, ``relative_flatness``).
+measures, alpha-scaling, Entropy-SGD/FAM/augmentation, L-BFGS-B as *the* sharpness method
+(``sharpness_method="lbfgsb"``; the separate ``sharpness_lbfgsb`` measure is batched), or
+measures without a batched version (``logprod_topk``, ``trace``, ``relative_flatness``).
 
 Values per member equal the per-run path's (training: float32 rounding; measures: the batched
 versions in :mod:`flatprior.flatness.batched`, tested to 1e-6 relative; log P(f): the same
-estimator, once per distinct function). Wall times: ``train_time_s``, ``<measure>_time_s`` and
-``wall_time_s`` are the ensemble's times divided by its members (so they add up to the real
-total); ``history[*].epoch_time_s`` likewise.
+estimator, once per distinct function, batched over the functions for EP). Wall times:
+``train_time_s``, ``<measure>_time_s`` and ``wall_time_s`` are the ensemble's times divided by
+its members (so they add up to the real total); ``history[*].epoch_time_s`` likewise.
 """
 
 from __future__ import annotations
@@ -29,12 +30,71 @@ from flatprior.errors import FlatpriorError
 #: config fields that may differ between members of one ensemble
 MEMBER_FIELDS = ("seed", "data_seed", "n_train", "n_attack", "n_test", "boolean_target")
 #: measures with a batched (or per-distinct-function) implementation
-ENSEMBLE_MEASURES = ("sharpness", "spectral_norm", "log_prior", "pac_bayes")
+ENSEMBLE_MEASURES = ("sharpness", "sharpness_lbfgsb", "spectral_norm", "log_prior", "pac_bayes")
 #: default members per ensemble task (progress and resume granularity; larger M is a little
 #: faster per member: Boolean batch 1, training only, loaded machine: M = 200: ~29 ms per
 #: member, M = 1000: ~24 ms)
 DEFAULT_ENSEMBLE_SIZE = 250
+#: bytes an ensemble may use for its stacked networks and measures (``--memory-budget``)
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
+#: size suffixes of :func:`parse_memory_budget` (decimal kB/MB/GB/TB as in Dask, binary *iB)
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory_budget(text: str | int) -> int:
+    """``"512MB"``, ``"2GB"``, ``"1.5GiB"``, ``"4096"`` (bytes) -> bytes (int > 0).
+
+    Units as in Dask: ``kB/MB/GB/TB`` are powers of 1000, ``KiB/MiB/GiB/TiB`` of 1024;
+    case-insensitive, a space before the unit allowed.
+
+    Raises:
+        FlatpriorError: not a positive size with a known unit (one line).
+    """
+    import re
+
+    if isinstance(text, int) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text),
+                         flags=re.IGNORECASE)
+        if m is None or m.group(2).lower() not in _UNITS:
+            raise FlatpriorError(
+                f"--memory-budget {text!r}: give a size like 512MB, 2GB or 1.5GiB"
+            )
+        value, unit = float(m.group(1)), m.group(2).lower()
+    size = int(value * _UNITS[unit])
+    if size < 1:
+        raise FlatpriorError(f"--memory-budget {text!r}: must be at least 1 byte (e.g. 2GB)")
+    return size
+
+
+def check_memory_budget(cfgs: list, memory_budget: int) -> None:
+    """Fail fast when one member of an ensemble would not fit ``memory_budget`` bytes.
+
+    For each group of compatible runs (:func:`group_key`), the member with the most data is
+    sized by :func:`flatprior.train.ensemble.stacked_memory_per_member` (what
+    :func:`flatprior.train.train_ensemble` checks inside each work item, where the error would
+    fail every member instead of stopping the sweep).
+
+    Raises:
+        FlatpriorError: the budget is below one member's need (the trainer's one-line error).
+    """
+    from flatprior.pipeline import build_model, build_task
+    from flatprior.train.ensemble import budget_error, stacked_memory_per_member
+
+    largest: dict[str, Any] = {}
+    for cfg in cfgs:
+        g = group_key(cfg)
+        size = cfg.n_train + cfg.n_attack + cfg.n_test
+        if g is not None and (g not in largest or size > largest[g][0]):
+            largest[g] = (size, cfg)
+    for _, cfg in largest.values():
+        task = build_task(cfg)
+        per = stacked_memory_per_member(build_model(cfg, task.input_shape), task,
+                                        cfg.train_config())
+        if per > memory_budget:
+            raise budget_error(per, memory_budget)
 
 
 def why_not_ensemble(cfg) -> str | None:
@@ -162,6 +222,8 @@ def run_ensemble(cfgs: list[dict[str, Any]], *, memory_budget: int = DEFAULT_MEM
         _measure_spectral_norm(ok, runs, tasks, models, records, memory_budget)
     if ok and ("log_prior" in which or "pac_bayes" in which):
         _measure_prior(ok, cfg0, tasks, models, records)
+    if ok and "sharpness_lbfgsb" in which:
+        _measure_sharpness_lbfgsb(ok, runs, tasks, models, records, memory_budget)
     return _final_records(outs, records, (time.perf_counter() - t_start) / len(runs))
 
 
@@ -223,6 +285,25 @@ def _measure_spectral_norm(ok: list[int], runs: list, tasks: list, models: list,
     dt = (time.perf_counter() - t0) / len(ok)
     for i, v in zip(ok, res, strict=True):
         records[i].update(spectral_norm=v, spectral_norm_time_s=dt)
+
+
+def _measure_sharpness_lbfgsb(ok: list[int], runs: list, tasks: list, models: list,
+                              records: list, memory_budget: int) -> None:
+    """Add the L-BFGS-B Keskar sharpness of the members ``ok`` (lockstep, batched f and g).
+
+    As :func:`flatprior.pipeline.sharpness_lbfgsb` (maxiter 10, float64, on S); the time is the
+    batched measure's wall time divided by the members.
+    """
+    from flatprior.flatness.batched import batched_lbfgsb_sharpness
+
+    cfg0 = runs[0]
+    t0 = time.perf_counter()
+    res = _chunked(ok, models, memory_budget, lambda idx: batched_lbfgsb_sharpness(
+        [models[i] for i in idx], [tasks[i].x_train for i in idx],
+        [tasks[i].y_train for i in idx], cfg0.sharpness_eps), lbfgsb=True)
+    dt = (time.perf_counter() - t0) / len(ok)
+    for i, (value, _steps) in zip(ok, res, strict=True):
+        records[i].update(sharpness_lbfgsb=value, sharpness_lbfgsb_time_s=dt)
 
 
 def _measure_prior(ok: list[int], cfg0, tasks: list, models: list, records: list) -> None:
@@ -327,14 +408,15 @@ def _final_records(outs: list, records: list, wall: float) -> list[dict[str, Any
     return out
 
 
-def _chunked(ok: list[int], models, budget: int, fn, lanczos: bool = False) -> list:
+def _chunked(ok: list[int], models, budget: int, fn, lanczos: bool = False,
+             lbfgsb: bool = False) -> list:
     """Apply a batched measure to the members ``ok`` in chunks that fit ``budget`` bytes.
 
-    The size estimate: float64 parameters x a few copies, or the Lanczos basis of up to 300
-    vectors.
+    The size estimate: float64 parameters x a few copies, the Lanczos basis of up to 300
+    vectors, or scipy's L-BFGS-B work arrays (``2 m p + 5 p`` floats, ``m = 10``) besides.
     """
     p = sum(q.numel() for q in models[ok[0]].parameters())
-    per = 8 * p * (min(300, p) + 8 if lanczos else 16)
+    per = 8 * p * (min(300, p) + 8 if lanczos else 41 if lbfgsb else 16)
     size = max(1, budget // per)
     out: list = []
     for s in range(0, len(ok), size):

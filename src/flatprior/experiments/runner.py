@@ -161,17 +161,20 @@ def execute(run_fn: RunFn, cfg: dict[str, Any], single_thread: bool = False) -> 
 
 
 def execute_item(run_fn: RunFn, cfgs: list[dict[str, Any]], single_thread: bool = False,
-                 ensemble: bool = False) -> list[dict[str, Any]]:
+                 ensemble: bool = False, memory_budget: int | None = None
+                 ) -> list[dict[str, Any]]:
     """Execute one work item in a worker; never raises.
 
     One run (``run_fn``) or, with ``ensemble``, compatible runs as one ensemble
-    (:func:`flatprior.experiments.ensemble.execute_ensemble`).
+    (:func:`flatprior.experiments.ensemble.execute_ensemble`, within ``memory_budget`` bytes;
+    ``None``: its default).
     """
     if not ensemble:
         return [execute(run_fn, c, single_thread) for c in cfgs]
-    from flatprior.experiments.ensemble import execute_ensemble
+    from flatprior.experiments.ensemble import DEFAULT_MEMORY_BUDGET, execute_ensemble
 
-    return execute_ensemble(cfgs, single_thread)
+    return execute_ensemble(cfgs, single_thread,
+                            DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget)
 
 
 def _finish(rec: dict[str, Any], key: str, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -273,6 +276,7 @@ def run_sweep(
     on_record: Callable[[dict[str, Any]], None] | None = None,
     connect_timeout: float = 20.0,
     ensemble: str = "off",
+    memory_budget: int | None = None,
 ) -> SweepSummary:
     """Run every configuration not yet in ``store`` and store each record as it arrives.
 
@@ -292,6 +296,10 @@ def run_sweep(
         console: rich console for the progress bar and messages (default: stderr).
         ensemble: ``"auto"``: group compatible runs into ensembles (default run function only);
             ``"off"``: one run per task.
+        memory_budget: bytes one ensemble may use (its members are trained and measured in
+            chunks that fit; default
+            :data:`flatprior.experiments.ensemble.DEFAULT_MEMORY_BUDGET`, 2 GiB). Checked
+            before any run starts: a budget below one member raises.
 
     Returns:
         A :class:`SweepSummary`.
@@ -300,6 +308,9 @@ def run_sweep(
     if ensemble not in ("auto", "off"):
         raise FlatpriorError(f"--ensemble must be auto or off, got {ensemble!r}")
     use_ensembles = ensemble == "auto" and run_fn is None
+    if memory_budget is not None and (isinstance(memory_budget, bool)
+                                      or not isinstance(memory_budget, int) or memory_budget < 1):
+        raise FlatpriorError(f"memory_budget must be a number of bytes >= 1, got {memory_budget!r}")
     run_fn = run_fn or default_run_fn
     configs = list(configs)
     todo, skipped, by_key = _pending(configs, store.statuses(), retry_failed)
@@ -331,16 +342,22 @@ def run_sweep(
     if scheduler is None and n < 1:
         raise FlatpriorError(f"--workers must be >= 1, got {n}")
     items = _work_items(todo, by_key, n, use_ensembles)
+    if memory_budget is not None and any(ens for _, ens in items):
+        from flatprior.experiments.ensemble import check_memory_budget
+
+        check_memory_budget([by_key[k] for item, ens in items if ens for k, _ in item],
+                            memory_budget)
     with prog:
         if scheduler is not None:
-            _run_dask(items, run_fn, scheduler, take, connect_timeout)
+            _run_dask(items, run_fn, scheduler, take, connect_timeout, memory_budget)
         else:
             n = min(n, len(items))
             if n == 1:
                 for item, ens in items:
-                    take(item, execute_item(run_fn, [c for _, c in item], False, ens))
+                    take(item, execute_item(run_fn, [c for _, c in item], False, ens,
+                                            memory_budget))
             else:
-                _run_pool(items, run_fn, n, take)
+                _run_pool(items, run_fn, n, take, memory_budget)
     summary.wall_time_s = time.perf_counter() - t0
     return summary
 
@@ -391,7 +408,7 @@ def _work_items(todo: list[tuple[str, dict[str, Any]]], by_key: dict[str, Any], 
     return [([(k, dumped[k]) for k, _ in g], len(g) > 1) for g in groups]
 
 
-def _run_pool(items, run_fn: RunFn, n: int, take) -> None:
+def _run_pool(items, run_fn: RunFn, n: int, take, memory_budget: int | None = None) -> None:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
@@ -400,7 +417,8 @@ def _run_pool(items, run_fn: RunFn, n: int, take) -> None:
     pool = ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"), initializer=_worker_init,
                                initargs=(os.getpid(),))
     try:
-        futs = {pool.submit(execute_item, run_fn, [c for _, c in item], True, ens): item
+        futs = {pool.submit(execute_item, run_fn, [c for _, c in item], True, ens,
+                            memory_budget): item
                 for item, ens in items}
         for fut in as_completed(futs):
             item = futs[fut]
@@ -423,7 +441,8 @@ def _run_pool(items, run_fn: RunFn, n: int, take) -> None:
     pool.shutdown(wait=True)
 
 
-def _run_dask(items, run_fn: RunFn, scheduler, take, timeout: float) -> None:
+def _run_dask(items, run_fn: RunFn, scheduler, take, timeout: float,
+              memory_budget: int | None = None) -> None:
     try:
         from dask.distributed import Client, as_completed
     except ImportError:  # pragma: no cover - dask is a dependency
@@ -445,8 +464,8 @@ def _run_dask(items, run_fn: RunFn, scheduler, take, timeout: float) -> None:
         futs = {}
         for item, ens in items:  # one Dask task per run or per ensemble
             dkey = f"flatprior-{item[0][0]}-{uuid.uuid4().hex[:8]}"
-            f = client.submit(execute_item, run_fn, [c for _, c in item], True, ens, pure=False,
-                              key=dkey)
+            f = client.submit(execute_item, run_fn, [c for _, c in item], True, ens,
+                              memory_budget, pure=False, key=dkey)
             futs[f] = item
         for fut in as_completed(list(futs)):
             item = futs[fut]

@@ -19,6 +19,7 @@ from flatprior.prior.boolean import (
 )
 from flatprior.prior.bounds import pac_bayes_bound
 from flatprior.prior.ep import EPResult, log_prior_ep, log_prior_probit
+from flatprior.prior.ep_batched import log_prior_ep_batch
 from flatprior.prior.exact import (
     MCOrthantResult,
     OrthantResult,
@@ -49,6 +50,7 @@ __all__ = [
     "function_log_prior",
     "log_prior",
     "log_prior_ep",
+    "log_prior_ep_batch",
     "log_prior_probit",
     "log_prior_tilting",
     "mc_log_orthant_prob",

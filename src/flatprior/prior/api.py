@@ -90,21 +90,36 @@ def log_prior_distinct(K, labels, method: str = "ep", **kwargs: Any) -> tuple[li
 
     Many networks of a sweep find the same function (the Boolean system: thousands of SGD runs,
     a few hundred distinct functions, one kernel for all): the estimator runs once per distinct
-    label vector and the result object is shared by the rows that have it.
+    label vector and the result object is shared by the rows that have it. For ``"ep"`` the
+    distinct rows go through one batched call
+    (:func:`flatprior.prior.ep_batched.log_prior_ep_batch`: the same results as
+    :func:`log_prior` row by row, bit for bit, with the kernel checked once).
+
+    Args:
+        K: prior covariance ``[n, n]``.
+        labels: ``[M, n]`` label vectors (rows in ``{±1}`` or ``{0, 1}``).
+        method: one of :data:`LOG_PRIOR_METHODS`.
+        **kwargs: passed to the estimator.
 
     Returns:
         ``(results, n_distinct)``: one result per row of ``labels`` (shared objects for equal
-        rows) and the number of estimator calls made.
+        rows) and the number of distinct rows estimated.
     """
     import torch
 
+    check_choice("log-prior method", method, LOG_PRIOR_METHODS)
     lab = torch.as_tensor(labels)
-    if lab.dim() != 2:
+    if lab.dim() != 2 or lab.shape[0] == 0:
         raise FlatpriorError(
-            f"labels must be [M, n] (one label vector per row), got {tuple(lab.shape)}"
+            f"labels must be [M, n] (one label vector per row, M >= 1), got {tuple(lab.shape)}"
         )
     uniq, inverse = torch.unique(lab, dim=0, return_inverse=True)
-    done = [log_prior(K, uniq[i], method=method, **kwargs) for i in range(len(uniq))]
+    if method == "ep":
+        from flatprior.prior.ep_batched import log_prior_ep_batch
+
+        done = log_prior_ep_batch(K, uniq, **kwargs)
+    else:
+        done = [log_prior(K, uniq[i], method=method, **kwargs) for i in range(len(uniq))]
     return [done[int(j)] for j in inverse], len(uniq)
 
 

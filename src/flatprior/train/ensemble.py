@@ -62,6 +62,7 @@ from flatprior.errors import FlatpriorError
 from flatprior.models.stacked import (
     check_same_architecture,
     check_stackable_model,
+    fcn_bce_and_grads,
     fcn_forward_shared,
     resolve_backend,
     stack_parameters,
@@ -379,6 +380,24 @@ def stacked_memory_per_member(
     return elt * (p * (2 * n_state + 4) + 3 * batch * act + 2 * n_eval * act + 4 * n_fit)
 
 
+def format_bytes(n: float) -> str:
+    """``n`` bytes as ``"512 B"``, ``"52.1 KiB"``, ``"1.5 GiB"`` (binary units)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def budget_error(per_member: int, memory_budget: int) -> FlatpriorError:
+    """The one-line error for a memory budget below one member's need."""
+    return FlatpriorError(
+        f"one network needs ~{format_bytes(per_member)} but memory_budget is "
+        f"{format_bytes(memory_budget)}; raise memory_budget (flatprior run --memory-budget) or "
+        "train it with --ensemble off"
+    )
+
+
 def train_ensemble(
     models: Sequence[nn.Module],
     tasks: Sequence[Task] | Task,
@@ -445,10 +464,7 @@ def train_ensemble(
     per = max(stacked_memory_per_member(mod, t, config) for mod, t in zip(models, tasks,
                                                                           strict=True))
     if per > memory_budget:
-        raise FlatpriorError(
-            f"one network needs ~{per / 2**20:.0f} MiB but memory_budget is "
-            f"{memory_budget / 2**20:.0f} MiB; raise memory_budget or train it with --ensemble off"
-        )
+        raise budget_error(per, memory_budget)
     chunk = max(1, memory_budget // per)
     out: list[EnsembleOutcome] = []
     for start in range(0, len(models), chunk):
@@ -644,9 +660,10 @@ class _ChunkTrainer:
         bad_loss = torch.full((len(act),), float("nan"), dtype=torch.float64)
         bad = torch.zeros(len(act), dtype=torch.bool)
         for s in range(n_steps):
-            losses, active = self._step_losses(act, order, valid, s)
-            grads = torch.autograd.grad(losses.sum(), self.params)
-            self.opt.step(self.params, list(grads), active)
+            losses, active, grads = self._step_losses(act, order, valid, s)
+            if grads is None:
+                grads = list(torch.autograd.grad(losses.sum(), self.params))
+            self.opt.step(self.params, grads, active)
             with torch.no_grad():
                 fin = torch.isfinite(losses.detach())
                 if active is not None:
@@ -658,7 +675,7 @@ class _ChunkTrainer:
         return bad, bad_loss
 
     def _step_losses(self, act: list[int], order: Tensor, valid: Tensor | None,
-                     s: int) -> tuple[Tensor, Tensor | None]:
+                     s: int) -> tuple[Tensor, Tensor | None, list[Tensor] | None]:
         """Compute every live member's loss on its batch of step ``s``.
 
         Args:
@@ -668,7 +685,9 @@ class _ChunkTrainer:
             s: the step number within the epoch.
 
         Returns:
-            The per-member losses and the mask of members taking this step (``None``: all).
+            The per-member losses, the mask of members taking this step (``None``: all) and,
+            for the ``bmm`` backend, the gradients (:func:`fcn_bce_and_grads`; else
+            ``None``: the caller differentiates the losses).
         """
         B, dtype = self.B, self.dtype
         if self.ragged:
@@ -684,6 +703,18 @@ class _ChunkTrainer:
             idx = order[:, s * b0 : (s + 1) * b0]
             active = None
             weight = None
+        if self.backend == "bmm":  # autograd's gradients, without the autograd engine
+            yb = self.y_all[idx]
+            row_grad = weight if weight is not None else (
+                torch.ones_like(yb) / yb.shape[1] if self.mean else None)
+            with torch.no_grad():
+                bce, grads = fcn_bce_and_grads([p.detach() for p in self.params],
+                                               self.x_all[idx], yb, row_grad)
+            if weight is not None:
+                losses = (bce * weight).sum(1)
+            else:
+                losses = bce.mean(1) if self.mean else bce.sum(1)
+            return losses, active, grads
         if self.backend == "loop":
             losses = _member_losses(self.params, self.x_all, self.y_all, idx,
                                     cnt if self.ragged else None, self.config.loss_reduction)
@@ -695,7 +726,7 @@ class _ChunkTrainer:
                 losses = (bce * weight).sum(1)
             else:
                 losses = bce.mean(1) if self.mean else bce.sum(1)
-        return losses, active
+        return losses, active, None
 
     @torch.no_grad()
     def measure(self, epoch: int, epoch_time: float) -> list[dict[str, Any]]:
