@@ -269,7 +269,13 @@ def test_batched_sharpness_whole_set_path_equals_single_network(patience, tol, e
         assert (auto.value, auto.max_loss, auto.n_steps) == (bs.value, bs.max_loss, bs.n_steps)
 
 
-def test_batched_lbfgsb_sharpness_equals_scipy_per_member():
+@pytest.mark.parametrize("lockstep", [True, False], ids=["lockstep", "fallback"])
+def test_batched_lbfgsb_sharpness_equals_scipy_per_member(lockstep, monkeypatch):
+    # fallback: a scipy outside the versions whose private setulb was checked (member by member)
+    import flatprior.flatness.batched as batched_mod
+
+    if not lockstep:
+        monkeypatch.setattr(batched_mod, "_lbfgsb_lockstep_available", lambda: False)
     # lockstep L-BFGS-B (scipy's setulb per member, batched loss/gradient) vs
     # keskar_sharpness(method="lbfgsb") = scipy.optimize.minimize on each member alone;
     # measured 1.6e-13 relative and the same iteration counts on 100 Boolean nets

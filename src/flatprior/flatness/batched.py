@@ -252,8 +252,10 @@ def batched_keskar_sharpness(
 def _lbfgsb_lockstep_available() -> bool:
     """Whether scipy's L-BFGS-B has the reverse-communication ``setulb`` this module drives.
 
-    The C implementation of scipy >= 1.15 (``_lbfgsb.setulb(m, x, l, u, nbd, f, g, factr, pgtol,
-    wa, iwa, task, lsave, isave, dsave, maxls, ln_task)``); older versions: member by member.
+    The C implementation of scipy 1.15 to 1.17 (``_lbfgsb.setulb(m, x, l, u, nbd, f, g, factr,
+    pgtol, wa, iwa, task, lsave, isave, dsave, maxls, ln_task)``, a private routine); any other
+    version: member by member. The upper bound is the newest scipy tested here: a later release
+    may change the private signature, so it falls back until it is checked and the bound raised.
     """
     import scipy
 
@@ -262,7 +264,7 @@ def _lbfgsb_lockstep_available() -> bool:
     except ImportError:  # pragma: no cover - private module moved
         return False
     major, minor = (int(v) for v in scipy.__version__.split(".")[:2])
-    return (major, minor) >= (1, 15)
+    return (1, 15) <= (major, minor) <= (1, 17)
 
 
 class _LbfgsbMember:
@@ -351,8 +353,8 @@ def batched_lbfgsb_sharpness(
     instance per member, all advanced in lockstep (``setulb`` reverse communication); the
     members waiting for a loss and gradient get them from one batched forward/backward. Each
     member's iterates are those of its own ``scipy.optimize.minimize`` run up to float64
-    rounding of the batched forward (tested to 1e-6 relative). With a scipy older than 1.15
-    (another ``setulb``), each member runs :func:`keskar_sharpness` itself.
+    rounding of the batched forward (tested to 1e-6 relative). With a scipy outside 1.15-1.17
+    (another or unchecked ``setulb``), each member runs :func:`keskar_sharpness` itself.
 
     Args:
         models: M one-logit networks of one architecture (left unchanged).
@@ -369,7 +371,7 @@ def batched_lbfgsb_sharpness(
     """
     check_positive("eps", eps)
     maxiter = check_int("maxiter", maxiter)
-    if not _lbfgsb_lockstep_available():  # pragma: no cover - old scipy
+    if not _lbfgsb_lockstep_available():
         return _lbfgsb_member_by_member(models, inputs, targets, eps, maxiter, eval_batch_size)
     st = _stack(models, inputs, targets, dtype, backend)
     M = st.w0.shape[0]
@@ -399,8 +401,8 @@ def batched_lbfgsb_sharpness(
 
 
 def _lbfgsb_member_by_member(models, inputs, targets, eps, maxiter, eval_bs
-                             ) -> BatchedSharpness:  # pragma: no cover - old scipy only
-    """:func:`keskar_sharpness` (L-BFGS-B) on each member: the fallback for old scipy."""
+                             ) -> BatchedSharpness:
+    """:func:`keskar_sharpness` (L-BFGS-B) on each member: the fallback for other scipy versions."""
     from flatprior.flatness.keskar import keskar_sharpness
 
     models = list(models)
