@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 from flatprior.errors import FlatpriorError
 
 PRESETS = ("quick", "paper")
-ANALYSES = ("attack", "epochs", "boolean")
+ANALYSES = ("attack", "epochs", "boolean", "psgd")
 
 
 MAX_RUNS = 1_000_000  # grid-size cap: beyond it a sweep is a typo, not an experiment
@@ -121,7 +121,8 @@ class ExperimentSpec(_Layer):
         title: one line for ``flatprior list``.
         reproduces: the paper figure(s).
         analysis: ``attack`` (measure vs generalization error over the attack-set sweep),
-            ``epochs`` (per-epoch curves), ``boolean`` (per-function flatness vs log P(f)).
+            ``epochs`` (per-epoch curves), ``boolean`` (per-function flatness vs log P(f)),
+            ``psgd`` (how often SGD finds each function vs its Bayesian posterior P_B(f | S)).
         needs: what must be present to run it (data files), shown by ``flatprior list``.
         group_by: run fields the correlations are split by (besides those that vary).
         boolean_top: ``boolean`` analysis: how many of the most frequent functions to keep.
@@ -130,7 +131,7 @@ class ExperimentSpec(_Layer):
     name: str
     title: str
     reproduces: str
-    analysis: Literal["attack", "epochs", "boolean"] = "attack"
+    analysis: Literal["attack", "epochs", "boolean", "psgd"] = "attack"
     needs: str | None = None
     group_by: list[str] = ["optimizer"]
     boolean_top: int = 1000
