@@ -68,7 +68,8 @@ def report(db):
 
 def test_report_content(report, db):
     out, page, sections = report
-    assert [s.label for s in sections] == ["fig4@quick", "fig5@quick", "fig2-boolean@quick"]
+    assert [s.label for s in sections] == ["fig4@quick", "fig5@quick",
+                                                 "fig2-boolean/sampleable@quick"]
     imgs = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
     # fig4 sweeps optimizer x |A|: its Psi figure is the 4th image
     assert len(imgs) == 4 and all(base64.b64decode(i)[:4] == b"\x89PNG" for i in imgs)
