@@ -238,3 +238,26 @@ def test_boolean_prior_for_chunks_files_and_mismatch(tmp_path, monkeypatch):
                                  files=[tmp_path / "a.npz"])
     with pytest.raises(FlatpriorError, match="no sampled prior"):
         report.boolean_prior_for(cfg)
+
+
+def test_boolean_prior_for_and_tilting_over_dask_equal_the_local_results(monkeypatch):
+    distributed = pytest.importorskip("dask.distributed")
+    from flatprior.analysis import report
+    from flatprior.config import RunConfig
+
+    cfg = RunConfig(dataset="boolean", model="fcn", hidden=[5], n_train=8, sigma_w2=1.0,
+                    sigma_b=1.0)
+    monkeypatch.setattr(report, "PRIOR_CHUNK", 1000)
+    local = report.boolean_prior_for(cfg, samples=2500, seed=3)
+    bt = pd.DataFrame({"function": ["0" * 128, "1" * 128]})
+    with distributed.LocalCluster(n_workers=1, processes=False, threads_per_worker=2,
+                                  dashboard_address=None) as cluster:
+        with distributed.Client(cluster) as client:
+            remote = report.boolean_prior_for(cfg, samples=2500, seed=3, scheduler=client)
+            tilt = report.boolean_tilting(bt, cfg, top=2, seed=1, scheduler=client)
+    assert remote.table().equals(local.table()) and remote.seeds == local.seeds
+    here = report.boolean_tilting(bt, cfg, top=2, seed=1)
+    # the estimate is a function of the seed, not of the thread count
+    assert tilt["log_p_tilting"].tolist() == pytest.approx(here["log_p_tilting"].tolist(),
+                                                           rel=1e-12)
+    assert (tilt["log_p_tilting_ci_low"] < tilt["log_p_tilting"]).all()

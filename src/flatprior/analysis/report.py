@@ -266,7 +266,9 @@ def boolean_tilting(bt: pd.DataFrame, cfg, *, top: int, seed: int = 0,
     K = kernel_of(torch.as_tensor(boolean_inputs()), cfg).numpy()
     labels = [np.frombuffer(f.encode(), dtype=np.uint8) - ord("0")
               for f in bt["function"].head(int(top))]
-    jobs = [(K, y, seed) for y in labels]
+    # a Dask task uses one core (several tasks share a worker); locally both cores
+    threads = 1 if scheduler is not None else 2
+    jobs = [(K, y, seed, threads) for y in labels]
     res = (_dask_map(_tilting_one, jobs, scheduler) if scheduler is not None
            else [_tilting_one(*job) for job in jobs])
     out = bt.copy()
@@ -277,11 +279,11 @@ def boolean_tilting(bt: pd.DataFrame, cfg, *, top: int, seed: int = 0,
     return out
 
 
-def _tilting_one(K, y, seed: int) -> tuple[float, float, float, bool]:
-    """``(log P, CI low, CI high, converged)`` of one function by tilting (one thread)."""
+def _tilting_one(K, y, seed: int, n_threads: int) -> tuple[float, float, float, bool]:
+    """``(log P, CI low, CI high, converged)`` of one function by tilting."""
     from flatprior.prior import log_prior
 
-    r = log_prior(K, y, method="tilting", seed=seed, n_threads=1)
+    r = log_prior(K, y, method="tilting", seed=seed, n_threads=n_threads)
     return (float(r.log_prob), float(r.ci_low), float(r.ci_high), bool(r.converged))
 
 
