@@ -121,7 +121,7 @@ def _s_indices():
 
 def test_psgd_without_prior_says_what_to_add(db, tmp_path, cli):
     out = tmp_path / "r.html"
-    r = cli("report", db, "--out", out, "--n-boot", 0)
+    r = cli("report", db, "--out", out, "--n-boot", 0, "--boolean-samples", 0)
     assert r.returncode in (0, None), r.stderr
     assert "--boolean-samples N" in r.stderr and "--boolean-prior FILE" in out.read_text()
 
@@ -135,3 +135,34 @@ def test_sample_prior_bad_input_one_line(tmp_path, cli):
         r = cli("sample-prior", *args)
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert r.returncode == 2 and len(lines) == 1 and match in lines[0], r.stderr
+
+
+@pytest.mark.slow  # ~20 s on a loaded 2-core machine
+def test_psgd_quick_preset_end_to_end(tmp_path, cli):
+    """Real training: 2 x 15 runs of the quick preset (ensembles), a sampled prior, the report.
+
+    P_SGD in the report equals the function counts of the stored records; every zero-error
+    function fits S (the labels of S are 0).
+    """
+    db, out = tmp_path / "r.db", tmp_path / "r.html"
+    r = cli("run", "psgd-boolean", "--set", "seed=[0,1,2,3,4,5,6,7,8,9,10,11,12,13,14]",
+            "--out", db, "--workers", 1, "--ensemble", "auto", "--no-progress")
+    assert r.returncode in (0, None), r.stderr
+    r = cli("report", db, "--out", out, "--boolean-samples", 100_000, "--n-boot", 0)
+    assert r.returncode in (0, None), r.stderr
+    from flatprior.analysis.report import PriorOptions, write_report
+
+    _, secs = write_report(db, tmp_path / "b.html", n_boot=0,
+                           prior=PriorOptions(samples=100_000))
+    (sec,) = secs
+    summary = sec.extra_tables[0][1].set_index("optimizer")
+    df = sec.frame[sec.frame.status == "zero_error"]
+    idx = _s_indices()
+    assert all(set(f[i] for i in idx) == {"0"} for f in df["function"])
+    for opt in ("sgd", "adam"):
+        runs = df[df.optimizer == opt]
+        assert summary.loc[opt, "n_sgd"] == len(runs) >= 10
+        assert summary.loc[opt, "functions_sgd"] == runs["function"].nunique()
+    # the constant-0 function dominates both the runs and the posterior (P ~ 0.36)
+    top = sec.extra_tables[1][1]
+    assert (top.groupby("optimizer").head(1)["function"] == "0" * 32).all()

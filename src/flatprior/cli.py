@@ -313,9 +313,11 @@ def report_cmd(
     ),
     n_boot: Annotated[int, typer.Option(help="bootstrap resamples for the 95 % CIs")] = 1000,
     boolean_samples: Annotated[
-        int, typer.Option(help="fig2-boolean / psgd-boolean: random networks to sample for the "
-                          "prior P(f) (0: none; ~150 k/s on 2 cores)")
-    ] = 0,
+        int | None, typer.Option(help="fig2-boolean / psgd-boolean: random networks to sample "
+                                 "for the prior P(f) (0: none; default: the preset's, e.g. 1e8 "
+                                 "for paper, unless --boolean-prior is given; ~150 k/s on 2 "
+                                 "cores)")
+    ] = None,
     boolean_prior: Annotated[
         list[Path] | None,
         typer.Option(help="fig2-boolean / psgd-boolean: saved prior chunk file(s) from "
@@ -342,7 +344,7 @@ def report_cmd(
         raise FlatpriorError(f"--n-boot must be >= 0, got {n_boot}")
     from flatprior.analysis.report import PriorOptions
 
-    if boolean_samples < 0 or boolean_tilting < 0:
+    if (boolean_samples or 0) < 0 or boolean_tilting < 0:
         raise FlatpriorError("--boolean-samples and --boolean-tilting must be >= 0")
     prior = PriorOptions(samples=boolean_samples, files=tuple(boolean_prior or ()),
                          tilting=boolean_tilting, scheduler=scheduler, seed=seed)

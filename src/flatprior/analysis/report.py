@@ -83,7 +83,8 @@ class PriorOptions:
     """Where the sampled Boolean prior comes from and how much else to estimate (report).
 
     Attributes:
-        samples: random networks to draw (0: none).
+        samples: random networks to draw (0: none; ``None``: none if ``files`` are given,
+            else the spec preset's ``prior_samples``, if any).
         files: saved :class:`flatprior.prior.BooleanPrior` chunk files to add.
         tilting: log P(f) by tilting (with its CI) for this many of the most frequent
             functions (fig2-boolean; ~1-3 s each on one core).
@@ -91,24 +92,31 @@ class PriorOptions:
         seed: master seed of the drawn chunks and the tilting estimates.
     """
 
-    samples: int = 0
+    samples: int | None = None
     files: tuple = ()
     tilting: int = 0
     scheduler: Any = None
     seed: int = 0
     _cache: dict = field(default_factory=dict, repr=False)
 
-    @property
-    def wanted(self) -> bool:
-        """Whether a sampled prior was asked for."""
-        return self.samples > 0 or bool(self.files)
+    def samples_for(self, info: dict[str, Any]) -> int:
+        """Networks to draw for a spec (``info``: its stored description)."""
+        if self.samples is not None:
+            return int(self.samples)
+        return 0 if self.files else int(info.get("prior_samples") or 0)
 
-    def prior_for(self, cfg):
-        """The sampled prior of ``cfg``'s network (drawn once per network per report)."""
-        key = json.dumps({k: v for k, v in cfg.model_dump(mode="json").items()
-                          if k in ("hidden", "sigma_w2", "sigma_b", "sigma_b2")}, sort_keys=True)
+    def wanted(self, info: dict[str, Any]) -> bool:
+        """Whether a sampled prior is asked for (here or by the spec's preset)."""
+        return self.samples_for(info) > 0 or bool(self.files)
+
+    def prior_for(self, cfg, info: dict[str, Any]):
+        """The sampled prior of ``cfg``'s network (drawn once per network and size)."""
+        n = self.samples_for(info)
+        key = json.dumps([n, {k: v for k, v in cfg.model_dump(mode="json").items()
+                              if k in ("hidden", "sigma_w2", "sigma_b", "sigma_b2")}],
+                         sort_keys=True)
         if key not in self._cache:
-            self._cache[key] = boolean_prior_for(cfg, samples=self.samples, files=self.files,
+            self._cache[key] = boolean_prior_for(cfg, samples=n, files=self.files,
                                                  seed=self.seed, scheduler=self.scheduler)
         return self._cache[key]
 
@@ -129,14 +137,14 @@ def analyse_spec(
     *,
     n_boot: int = 1000,
     seed: int = 0,
-    boolean_samples: int = 0,
+    boolean_samples: int | None = None,
     prior: PriorOptions | None = None,
     make_figures: bool = True,
 ) -> SpecSection:
     """Correlations (and figures) of one spec label's runs in ``store``.
 
-    ``prior`` (or the shorthand ``boolean_samples``) gives the sampled prior the ``boolean``
-    and ``psgd`` analyses use.
+    ``prior`` (or the shorthand ``boolean_samples``; ``None``: the spec preset's
+    ``prior_samples``) gives the sampled prior the ``boolean`` and ``psgd`` analyses use.
     """
     if prior is None:
         prior = PriorOptions(samples=boolean_samples, seed=seed)
@@ -210,7 +218,7 @@ def _analyse_boolean(sec: SpecSection, store, prior: PriorOptions, *, n_boot: in
     """Fig 2 / Fig S3: the most frequent SGD functions, log P(f) three ways, flatness vs log P."""
     info, df = sec.info, sec.frame
     cfg = _first_config(store, sec.label)
-    sampled = prior.prior_for(cfg) if prior.wanted else None
+    sampled = prior.prior_for(cfg, info) if prior.wanted(info) else None
     bt = boolean_table(df, top=info.get("boolean_top", 1000), prior=sampled)
     ep_ok = _covers_cube(cfg)
     if not ep_ok and "log_prior" in bt:  # EP on a subset of the cube is another quantity
@@ -290,12 +298,12 @@ def _tilting_one(K, y, seed: int, n_threads: int) -> tuple[float, float, float, 
 def _analyse_psgd(sec: SpecSection, store, prior: PriorOptions, group_by, *, n_boot: int,
                   seed: int, make_figures: bool) -> None:
     """P_SGD(f) vs P_B(f | S) per optimizer (Mingard et al. 2021)."""
-    if not prior.wanted:
+    if not prior.wanted(sec.info):
         sec.notes.append("P_B(f | S) needs a sampled prior: run `flatprior report DB "
                          "--boolean-samples N` or `--boolean-prior FILE.npz` (files written by "
                          "`flatprior sample-prior`)")
         return
-    sampled = prior.prior_for(_first_config(store, sec.label))
+    sampled = prior.prior_for(_first_config(store, sec.label), sec.info)
     table = psgd_table(sec.frame, sampled, group_by=group_by)
     summary = psgd_summary(table, group_by=group_by, n_boot=n_boot, seed=seed)
     sec.extra_tables.append((
@@ -596,14 +604,15 @@ def write_report(
     *,
     n_boot: int = 1000,
     seed: int = 0,
-    boolean_samples: int = 0,
+    boolean_samples: int | None = None,
     prior: PriorOptions | None = None,
     title: str = "flatprior report",
 ) -> tuple[Path, list[SpecSection]]:
     """Analyse every spec in the results database ``db`` and write the HTML page ``out``.
 
     ``prior``: the sampled Boolean prior for the ``boolean`` / ``psgd`` analyses (shorthand:
-    ``boolean_samples`` networks drawn with ``seed``); drawn once per network and shared.
+    ``boolean_samples`` networks drawn with ``seed``; ``None``: each spec preset's
+    ``prior_samples``); drawn once per network and size, and shared.
 
     Returns the path written and the analysed sections (their ``correlations`` DataFrames).
     """

@@ -27,7 +27,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from flatprior.errors import FlatpriorError
 
@@ -95,7 +102,13 @@ class _Layer(BaseModel):
 
 
 class PresetSpec(_Layer):
-    """Overrides of one preset (``quick`` or ``paper``)."""
+    """Overrides of one preset (``quick`` or ``paper``).
+
+    ``prior_samples``: Boolean specs: random networks the report samples for P(f) by default
+    (``flatprior report --boolean-samples`` overrides it).
+    """
+
+    prior_samples: int | None = Field(default=None, ge=0)
 
 
 class VariantSpec(_Layer):
@@ -206,6 +219,7 @@ class Resolved:
             "analysis": self.spec.analysis,
             "group_by": list(self.spec.group_by),
             "boolean_top": self.spec.boolean_top,
+            "prior_samples": self.spec.presets[self.preset].prior_samples,
             "needs": self.needs,
             "base": self.base,
             "sweep": self.sweep,
