@@ -238,6 +238,12 @@ def test_boolean_prior_for_chunks_files_and_mismatch(tmp_path, monkeypatch):
                                  files=[tmp_path / "a.npz"])
     with pytest.raises(FlatpriorError, match="no sampled prior"):
         report.boolean_prior_for(cfg)
+    # a report's sections share one sample of the same network (other run fields differ)
+    cache = {}
+    one = report.boolean_prior_for(cfg, samples=500, seed=9, cache=cache)
+    two = report.boolean_prior_for(cfg.model_copy(update={"n_train": 4, "seed": 3}),
+                                   samples=500, seed=9, cache=cache)
+    assert one is two and len(cache) == 1
 
 
 def test_boolean_prior_for_and_tilting_over_dask_equal_the_local_results(monkeypatch):
@@ -250,7 +256,8 @@ def test_boolean_prior_for_and_tilting_over_dask_equal_the_local_results(monkeyp
     monkeypatch.setattr(report, "PRIOR_CHUNK", 1000)
     local = report.boolean_prior_for(cfg, samples=2500, seed=3)
     bt = pd.DataFrame({"function": ["0" * 128, "1" * 128]})
-    with distributed.LocalCluster(n_workers=1, processes=False, threads_per_worker=2,
+    # worker processes: the chunk and tilting jobs are pickled as a cluster would ship them
+    with distributed.LocalCluster(n_workers=1, processes=True, threads_per_worker=2,
                                   dashboard_address=None) as cluster:
         with distributed.Client(cluster) as client:
             remote = report.boolean_prior_for(cfg, samples=2500, seed=3, scheduler=client)

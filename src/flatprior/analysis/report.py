@@ -111,14 +111,8 @@ class PriorOptions:
 
     def prior_for(self, cfg, info: dict[str, Any]):
         """The sampled prior of ``cfg``'s network (drawn once per network and size)."""
-        n = self.samples_for(info)
-        key = json.dumps([n, {k: v for k, v in cfg.model_dump(mode="json").items()
-                              if k in ("hidden", "sigma_w2", "sigma_b", "sigma_b2")}],
-                         sort_keys=True)
-        if key not in self._cache:
-            self._cache[key] = boolean_prior_for(cfg, samples=n, files=self.files,
-                                                 seed=self.seed, scheduler=self.scheduler)
-        return self._cache[key]
+        return boolean_prior_for(cfg, samples=self.samples_for(info), files=self.files,
+                                 seed=self.seed, scheduler=self.scheduler, cache=self._cache)
 
 
 def _first_config(store, label: str):
@@ -336,7 +330,7 @@ def _chunk_seeds(seed: int, n_chunks: int) -> list[int]:
 
 
 def boolean_prior_for(runs, *, samples: int = 0, files=(), seed: int = 0,
-                      scheduler=None, progress: bool = True):
+                      scheduler=None, progress: bool = True, cache: dict | None = None):
     """The sampled prior ``P(f)`` of the networks that ``runs`` trained (Boolean system).
 
     The one place that reads the runs' variance fields and calls
@@ -355,6 +349,8 @@ def boolean_prior_for(runs, *, samples: int = 0, files=(), seed: int = 0,
             merge later: equal seeds would double-count and are refused).
         scheduler: Dask scheduler address or ``dask.distributed.Client``: one task per chunk.
         progress: progress bar on stderr (for >= 1e6 networks drawn locally).
+        cache: a dict that keeps the result per network, size, files and seed (a report's
+            sections share one sample).
 
     Returns:
         A :class:`flatprior.prior.BooleanPrior` (files and drawn chunks combined).
@@ -367,6 +363,9 @@ def boolean_prior_for(runs, *, samples: int = 0, files=(), seed: int = 0,
     widths = (7, *(int(h) for h in hidden), 1)
     sigma_w, sigma_b = math.sqrt(float(cfg.get("sigma_w2", 2.0))), float(cfg.get("sigma_b", 1.0))
     check_int("boolean prior samples", samples, 0)
+    key = (widths, sigma_w, sigma_b, int(samples), tuple(str(f) for f in files), int(seed))
+    if cache is not None and key in cache:
+        return cache[key]
     parts = [BooleanPrior.load(f) for f in files]
     for f, p in zip(files, parts, strict=True):
         if (tuple(p.widths), p.sigma_w, p.sigma_b) != (widths, sigma_w, sigma_b):
@@ -404,7 +403,10 @@ def boolean_prior_for(runs, *, samples: int = 0, files=(), seed: int = 0,
             task = prog.add_task("sample", total=int(samples))
             for n, s in jobs:
                 parts.append(draw(n, s, lambda k: prog.advance(task, k)))
-    return BooleanPrior.combine(parts)
+    prior = BooleanPrior.combine(parts)
+    if cache is not None:
+        cache[key] = prior
+    return prior
 
 
 def _dask_map(fn, jobs, scheduler) -> list:
