@@ -161,6 +161,11 @@ def test_psgd_table_on_synthetic_runs_with_known_truth():
     assert s.loc["sgd", "posterior_mass_sgd"] == pytest.approx(6 / 7)
     # two points: a correlation needs three
     assert np.isnan(s.loc["sgd", "kendall"])
+    # only the runs' functions listed: the posterior's size and mass are unchanged
+    t0 = psgd_table(df, prior, top_sampled=0)
+    assert set(t0[t0.optimizer == "sgd"]["function"]) == {fa, fb, fc}
+    s0 = psgd_summary(t0, n_boot=0).set_index("optimizer")
+    assert s0.equals(s)
 
 
 def test_psgd_summary_correlation_is_that_of_the_log_frequencies():

@@ -502,7 +502,8 @@ def boolean_training_set(row) -> tuple[np.ndarray, np.ndarray]:
     return idx, lab
 
 
-def psgd_table(df: pd.DataFrame, prior, group_by: Sequence[str] = ("optimizer",)) -> pd.DataFrame:
+def psgd_table(df: pd.DataFrame, prior, group_by: Sequence[str] = ("optimizer",), *,
+               top_sampled: int = 1000) -> pd.DataFrame:
     r"""``P_SGD(f)`` against the Bayesian posterior ``P_B(f | S)``, per function (Boolean system).
 
     For each group of runs (one training set S each, e.g. per optimizer): ``P_SGD(f)`` is the
@@ -515,13 +516,18 @@ def psgd_table(df: pd.DataFrame, prior, group_by: Sequence[str] = ("optimizer",)
         df: Boolean runs (``function``, ``status`` and the config fields of S).
         prior: :class:`flatprior.prior.BooleanPrior` sampled for the runs' network.
         group_by: run fields that split the runs (each group must share one S).
+        top_sampled: also list this many of the most probable posterior functions that the
+            runs did not find (a 1e8-network sample fits S with millions of functions: they
+            are counted in ``functions_sampled``, not listed).
 
     Returns:
-        One row per (group, function) found by SGD or by the sampled posterior: the group
-        fields, ``training_set`` (``|S| = m, data seed d``), ``function`` (128-char 0/1
-        string), ``sgd_count``, ``p_sgd``, ``n_sgd`` (zero-error runs of the group),
-        ``sampled_count``, ``p_b``, ``p_b_ci_low``, ``p_b_ci_high`` (95 % Wilson), ``n_fit``
-        (sampled networks that fit S). Sorted by group, then ``p_sgd`` and ``p_b`` descending.
+        One row per (group, function) found by the runs or among the ``top_sampled`` most
+        probable under the sampled posterior: the group fields, ``training_set`` (``|S| = m,
+        data seed d``), ``function`` (128-char 0/1 string), ``sgd_count``, ``p_sgd``,
+        ``n_sgd`` (zero-error runs of the group), ``sampled_count``, ``p_b``, ``p_b_ci_low``,
+        ``p_b_ci_high`` (95 % Wilson), ``n_fit`` (sampled networks that fit S),
+        ``functions_sampled`` (distinct sampled functions that fit S). Sorted by group, then
+        ``p_sgd`` and ``p_b`` descending.
     """
     from flatprior.prior.exact import wilson_interval
 
@@ -531,7 +537,7 @@ def psgd_table(df: pd.DataFrame, prior, group_by: Sequence[str] = ("optimizer",)
     if "status" in d.columns:
         d = d[d["status"] == "zero_error"]
     cols = ["training_set", "function", "sgd_count", "p_sgd", "n_sgd", "sampled_count", "p_b",
-            "p_b_ci_low", "p_b_ci_high", "n_fit"]
+            "p_b_ci_low", "p_b_ci_high", "n_fit", "functions_sampled"]
     groups = [g for g in group_by if g in d.columns]
     if d.empty:
         return pd.DataFrame(columns=[*groups, *cols])
@@ -545,6 +551,7 @@ def psgd_table(df: pd.DataFrame, prior, group_by: Sequence[str] = ("optimizer",)
     d["_set"] = ["|".join(map(str, r)) for r in d[fixing].itertuples(index=False)]
     sets = {k: boolean_training_set(d.loc[d["_set"] == k, set_fields].iloc[0].to_dict())
             for k in d["_set"].unique()}
+    n_points = 2**prior.n_inputs
     parts = []
     for gkey, g in d.groupby([*groups, "_set"], sort=True, dropna=False):
         gkey = gkey if isinstance(gkey, tuple) else (gkey,)
@@ -552,24 +559,28 @@ def psgd_table(df: pd.DataFrame, prior, group_by: Sequence[str] = ("optimizer",)
         post = prior.posterior(idx, lab)
         n_sgd = len(g)
         sgd = g["function"].value_counts()
-        sampled = post.table()
-        sampled["function"] = [
-            "".join(map(str, _hex_bits(h, prior.n_inputs))) for h in sampled["function"]]
+        found = np.frombuffer("".join(sgd.index).encode(), dtype=np.uint8).reshape(
+            len(sgd), -1) - ord("0")
+        top = np.argsort(-post.counts, kind="stable")[: int(top_sampled)]
         t = pd.DataFrame({"function": sgd.index, "sgd_count": sgd.to_numpy()}).merge(
-            sampled[["function", "count"]].rename(columns={"count": "sampled_count"}),
-            on="function", how="outer")
+            pd.DataFrame({"function": _key_strings(post.keys[top], n_points),
+                          "sampled_count": post.counts[top]}), on="function", how="outer")
         t["sgd_count"] = t["sgd_count"].fillna(0).astype(np.int64)
-        t["sampled_count"] = t["sampled_count"].fillna(0).astype(np.int64)
+        # every function the runs found is looked up, listed among the top or not
+        lookup = dict(zip(sgd.index, post.counts_of(found), strict=True))
+        t["sampled_count"] = [lookup.get(f, c) for f, c in zip(
+            t["function"], t["sampled_count"].fillna(0), strict=True)]
+        t["sampled_count"] = t["sampled_count"].astype(np.int64)
         t["p_sgd"] = t["sgd_count"] / n_sgd
         t["n_sgd"] = n_sgd
         t["n_fit"] = post.n_samples
+        t["functions_sampled"] = post.n_functions
         if post.n_samples:
             t["p_b"] = t["sampled_count"] / post.n_samples
             t["p_b_ci_low"], t["p_b_ci_high"] = wilson_interval(t["sampled_count"], post.n_samples)
         else:
             t["p_b"] = t["p_b_ci_low"] = t["p_b_ci_high"] = np.nan
-        m = len(idx)
-        t["training_set"] = f"|S| = {m}, data seed {_train_seed(g[set_fields].iloc[0])}"
+        t["training_set"] = f"|S| = {len(idx)}, data seed {_train_seed(g[set_fields].iloc[0])}"
         for name, v in zip(groups, gkey[: len(groups)], strict=True):
             t[name] = v
         parts.append(t.sort_values(["p_sgd", "p_b", "function"],
@@ -577,15 +588,16 @@ def psgd_table(df: pd.DataFrame, prior, group_by: Sequence[str] = ("optimizer",)
     return pd.concat(parts, ignore_index=True)
 
 
+def _key_strings(keys: np.ndarray, n_points: int) -> list[str]:
+    """Packed function keys ``uint64 [m, 2]`` -> 0/1 strings of their ``n_points`` bits."""
+    raw = np.ascontiguousarray(keys).astype(">u8").view(np.uint8).reshape(len(keys), 16)
+    bits = np.unpackbits(raw, axis=1, bitorder="big")[:, :n_points] + ord("0")
+    return [row.tobytes().decode() for row in bits]
+
+
 def _train_seed(row) -> int:
     ds = _cfg_value(row, "data_seed")
     return int(_cfg_value(row, "seed") if ds is None else ds)
-
-
-def _hex_bits(hex_str: str, n_inputs: int) -> np.ndarray:
-    from flatprior.prior import function_bits
-
-    return function_bits(hex_str, n_inputs)
 
 
 def psgd_summary(table: pd.DataFrame, group_by: Sequence[str] = ("optimizer",), *,
@@ -611,7 +623,7 @@ def psgd_summary(table: pd.DataFrame, group_by: Sequence[str] = ("optimizer",), 
         row = dict(zip([*groups, "training_set"], gkey, strict=True))
         row.update(n_sgd=int(t["n_sgd"].iloc[0]), n_fit=int(t["n_fit"].iloc[0]),
                    functions_sgd=int((t["sgd_count"] > 0).sum()),
-                   functions_sampled=int((t["sampled_count"] > 0).sum()),
+                   functions_sampled=int(t["functions_sampled"].iloc[0]),
                    functions_both=len(both),
                    sgd_mass_sampled=float(t.loc[t["sampled_count"] > 0, "p_sgd"].sum()),
                    posterior_mass_sgd=float(t.loc[t["sgd_count"] > 0, "p_b"].sum()))
