@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -325,8 +326,25 @@ def report_cmd(
     ),
     n_boot: Annotated[int, typer.Option(help="bootstrap resamples for the 95 % CIs")] = 1000,
     boolean_samples: Annotated[
-        int, typer.Option(help="fig2-boolean: random networks to sample for log P(f) (0: EP only)")
+        int | None, typer.Option(help="fig2-boolean / psgd-boolean: random networks to sample "
+                                 "for the prior P(f) (0: none; default: the preset's, e.g. 1e8 "
+                                 "for paper, unless --boolean-prior is given; ~150 k/s on 2 "
+                                 "cores)")
+    ] = None,
+    boolean_prior: Annotated[
+        list[Path] | None,
+        typer.Option(help="fig2-boolean / psgd-boolean: saved prior chunk file(s) from "
+                     "`flatprior sample-prior` (repeat the option; adds to --boolean-samples)"),
+    ] = None,
+    boolean_tilting: Annotated[
+        int, typer.Option(help="fig2-boolean: log P(f) by tilting (with CI) for this many of the "
+                          "most frequent functions (~1-3 s each per core)")
     ] = 0,
+    scheduler: Annotated[
+        str | None, typer.Option(help="Dask scheduler address: sampling chunks and tilting "
+                                 "estimates as tasks")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seed of the sampled prior and tilting")] = 0,
     export: Annotated[
         Path | None, typer.Option(help="also write the runs as .csv or .parquet")
     ] = None,
@@ -337,7 +355,13 @@ def report_cmd(
 
     if n_boot < 0:
         raise FlatpriorError(f"--n-boot must be >= 0, got {n_boot}")
-    path, sections = write_report(db, out_html, n_boot=n_boot, boolean_samples=boolean_samples)
+    from flatprior.analysis.report import PriorOptions
+
+    if (boolean_samples or 0) < 0 or boolean_tilting < 0:
+        raise FlatpriorError("--boolean-samples and --boolean-tilting must be >= 0")
+    prior = PriorOptions(samples=boolean_samples, files=tuple(boolean_prior or ()),
+                         tilting=boolean_tilting, scheduler=scheduler, seed=seed)
+    path, sections = write_report(db, out_html, n_boot=n_boot, prior=prior)
     unreadable = sorted({k for s in sections for k in s.unreadable})
     if unreadable:
         err.print(f"[yellow]warning:[/] {len(unreadable)} stored record(s) unreadable (invalid "
@@ -347,8 +371,12 @@ def report_cmd(
         for s in sections:
             what = ("flatness vs log P(f) of the functions SGD found"
                     if s.info.get("analysis") == "boolean" else "correlation with generalization")
-            if s.info.get("analysis") != "epochs":
+            if s.info.get("analysis") not in ("epochs", "psgd"):
                 _print_correlations(s.correlations, f"{s.label}: {what}")
+            for note in s.notes:
+                err.print(f"[yellow]{s.label}:[/] {note}", highlight=False, soft_wrap=True)
+            if s.info.get("analysis") == "psgd" and s.extra_tables:
+                _print_psgd(s.label, s.extra_tables[0][1])
             if not s.granulated.empty:
                 _print_correlations(s.pooled, f"{s.label}: pooled τ and granulated Kendall Ψ "
                                     "(ranked)", s.granulated)
@@ -359,6 +387,68 @@ def report_cmd(
             store.export(export)
         err.print(f"runs written to {export}")
     err.print(f"report written to {path}")
+
+
+def _print_psgd(label: str, summary) -> None:
+    t = Table(title=f"{label}: P_SGD(f) vs P_B(f | S) (log10; 95 % bootstrap CIs)")
+    groups = [c for c in summary.columns if c not in _PSGD_NUMERIC]
+    for c in [*groups, "runs", "fitting nets", "functions both", "r (log)", "Kendall τ"]:
+        t.add_column(c)
+    for _, r in summary.iterrows():
+        t.add_row(*[str(r[g]) for g in groups], str(r["n_sgd"]), str(r["n_fit"]),
+                  str(r["functions_both"]),
+                  f"{r['pearson_log10']:+.2f} [{r['pearson_log10_ci_low']:+.2f}, "
+                  f"{r['pearson_log10_ci_high']:+.2f}]",
+                  f"{r['kendall']:+.2f} [{r['kendall_ci_low']:+.2f}, {r['kendall_ci_high']:+.2f}]")
+    out.print(t)
+
+
+_PSGD_NUMERIC = ("n_sgd", "n_fit", "functions_sgd", "functions_sampled", "functions_both",
+                 "sgd_mass_sampled", "posterior_mass_sgd", "pearson_log10",
+                 "pearson_log10_ci_low", "pearson_log10_ci_high", "kendall", "kendall_ci_low",
+                 "kendall_ci_high")
+
+
+@app.command("sample-prior")
+def sample_prior_cmd(
+    spec: Annotated[str, typer.Argument(help="Boolean spec whose network to sample "
+                                        "(fig2-boolean, psgd-boolean) or a .toml file")],
+    variant: Annotated[str | None, typer.Argument(help="variant of the spec")] = None,
+    preset: Annotated[str, typer.Option(help="quick | paper")] = "quick",
+    samples: Annotated[int, typer.Option(help="random networks to draw")] = 1_000_000,
+    seed: Annotated[int, typer.Option(help="master seed: use a new one for every file you "
+                                      "will merge")] = 0,
+    out_file: Annotated[Path, typer.Option("--out", help=".npz file to write")] = Path(
+        "prior.npz"),
+    sets: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="override a run field: FIELD=VALUE (e.g. hidden=[40,40])"),
+    ] = None,
+    scheduler: Annotated[
+        str | None, typer.Option(help="Dask scheduler address: one task per 2^24-network chunk")
+    ] = None,
+) -> None:
+    """Sample random networks of a Boolean spec: a prior P(f) chunk file for `flatprior report`.
+
+    Files drawn with different seeds merge (`flatprior report DB --boolean-prior a.npz
+    --boolean-prior b.npz`), so a 1e8-network prior can be drawn on several machines.
+    """
+    from flatprior.analysis.report import boolean_prior_for
+
+    res = _resolve_cli(spec, variant, preset, sets, None, None)
+    cfg = res.configs[0]
+    if cfg.dataset != "boolean" or cfg.model != "fcn":
+        raise FlatpriorError(f"{res.label} does not train FCNs on the Boolean cube; choose "
+                             "fig2-boolean or psgd-boolean")
+    if not str(out_file).endswith(".npz"):
+        raise FlatpriorError(f"--out must be a .npz file, got {out_file}")
+    if not out_file.expanduser().parent.is_dir():
+        raise FlatpriorError(f"cannot write {out_file}: its folder does not exist")
+    t0 = time.perf_counter()
+    prior = boolean_prior_for(cfg, samples=samples, seed=seed, scheduler=scheduler)
+    prior.save(out_file.expanduser())
+    err.print(f"{prior.n_samples} networks ({prior.n_functions} distinct functions) in "
+              f"{time.perf_counter() - t0:.0f} s written to {out_file}")
 
 
 VERDICT_STYLE = {"holds": "green", "does not hold": "red", "not enough runs": "yellow",

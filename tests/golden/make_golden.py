@@ -21,7 +21,7 @@ SHARED_DATA = HERE.parents[2] / "shared" / "data"
 _SMALL = dict(n_train=60, n_test=60, sharpness_epochs=3, max_epochs=300)
 # (case name, spec, variant, index in the grid left after the overrides, overrides)
 CASES: list[tuple[str, str, str | None, int, dict]] = [
-    ("fig2-boolean", "fig2-boolean", None, 3,
+    ("fig2-boolean", "fig2-boolean", "majority", 3,
      dict(max_epochs=400, sharpness_epochs=3, topk=10, measures=["sharpness", "spectral_norm",
                                                          "logprod_topk", "trace", "log_prior"])),
     ("fig3-mnist-fcn", "fig3", "mnist-fcn", 1, dict(_SMALL, n_attack=4,

@@ -437,6 +437,8 @@ def claim_boolean(df: pd.DataFrame, *, top: int, n_boot: int, seed: int) -> list
     stat = "Kendall tau(sharpness, log P) over SGD's most frequent functions"
     d = df[(df.get("dataset") == "boolean") & (df["status"] == "zero_error")] \
         if not df.empty and "dataset" in df and "status" in df else df.iloc[0:0]
+    if "analysis" in d:  # psgd-boolean runs count functions and measure nothing
+        d = d[d["analysis"] == "boolean"]
     if d.empty or "function" not in d:
         return [_too_few("d", text, stat, rule, 0, MIN_RUNS, "fig2-boolean (--preset quick/paper)")]
     bt = boolean_table(d.drop_duplicates("key"), top=top)

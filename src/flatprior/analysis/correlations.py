@@ -29,7 +29,9 @@ from flatprior.measures import LOG_SCALE, MEASURE_COLUMNS, REGISTRY
 # MEASURE_COLUMNS (display order; ``logprod_top<k>`` matched by pattern) and LOG_SCALE (Pearson r
 # on log10) come from the measure registry and are re-exported here
 __all__ = [
-    "LOG_SCALE", "MEASURE_COLUMNS", "METHODS", "SPLIT_FIELDS", "boolean_table", "correlation",
+    "LOG_P_ESTIMATORS", "LOG_SCALE", "MEASURE_COLUMNS", "METHODS", "SPLIT_FIELDS",
+    "boolean_table", "boolean_training_set", "correlation", "prior_agreement", "psgd_summary",
+    "psgd_table",
     "correlation_table", "epochs_summary", "granulated_kendall", "granulated_table",
     "measure_columns", "split_fields", "swept_axes", "wide_granulated", "wide_table",
 ]
@@ -426,8 +428,9 @@ def boolean_table(df: pd.DataFrame, top: int | None = 1000, prior=None) -> pd.Da
             :func:`flatprior.pipeline.run` on the boolean dataset).
         top: keep this many of the most frequent functions (``None``: all).
         prior: optional :class:`flatprior.prior.BooleanPrior` (direct sampling); adds
-            ``log_p_sampled`` = ln(count / n_samples) (NaN if the function was never sampled)
-            and ``sampled_count``.
+            ``log_p_sampled`` = ln(count / n_samples) (NaN if the function was never sampled),
+            its 95 % Wilson interval ``log_p_sampled_ci_low`` / ``_ci_high`` (low end -inf when
+            never sampled) and ``sampled_count``.
 
     Returns:
         One row per function, most frequent first: ``function``, ``sgd_count``,
@@ -451,15 +454,228 @@ def boolean_table(df: pd.DataFrame, top: int | None = 1000, prior=None) -> pd.Da
     if top is not None:
         out = out.head(int(top))
     if prior is not None:
-        counts = [
-            prior.count_of(np.frombuffer(f.encode(), dtype=np.uint8) - ord("0"))
-            for f in out["function"]
-        ]
+        counts = prior.counts_of(np.array(
+            [np.frombuffer(f.encode(), dtype=np.uint8) - ord("0") for f in out["function"]],
+            dtype=np.uint8).reshape(len(out), 2**prior.n_inputs))
+        from flatprior.prior.exact import wilson_interval
+
+        c = np.asarray(counts, dtype=float)
+        lo, hi = wilson_interval(c, prior.n_samples)
         out["sampled_count"] = counts
         with np.errstate(divide="ignore"):
-            lp = np.log(np.asarray(counts, dtype=float) / prior.n_samples)
-        out["log_p_sampled"] = np.where(np.asarray(counts) > 0, lp, np.nan)
+            out["log_p_sampled"] = np.where(c > 0, np.log(c / prior.n_samples), np.nan)
+            # never sampled: the Wilson upper end still bounds P (lower end 0: -inf)
+            out["log_p_sampled_ci_low"] = np.where(c > 0, np.log(lo), -np.inf)
+            out["log_p_sampled_ci_high"] = np.log(hi)
     return out.reset_index(drop=True)
+
+
+def _cfg_value(row, name):
+    v = row.get(name) if hasattr(row, "get") else None
+    if v is None or (isinstance(v, float) and v != v):
+        return None
+    return v.item() if hasattr(v, "item") else v
+
+
+def boolean_training_set(row) -> tuple[np.ndarray, np.ndarray]:
+    """The inputs a Boolean run trained on and their training labels.
+
+    Args:
+        row: a run's config fields (a DataFrame row or dict with ``n_train``, ``n_attack``,
+            ``n_test``, ``data_seed``, ``seed``, ``boolean_target``).
+
+    Returns:
+        ``(indices, labels)``: input numbers (order of
+        :func:`flatprior.data.boolean.boolean_inputs`) of S then A, and their labels (A's
+        flipped), as :func:`flatprior.pipeline.build_task` draws them.
+    """
+    from flatprior.data import make_task
+
+    data_seed = _cfg_value(row, "data_seed")
+    task = make_task("boolean", int(_cfg_value(row, "n_train")),
+                     int(_cfg_value(row, "n_attack") or 0),
+                     None if _cfg_value(row, "n_test") is None else int(_cfg_value(row, "n_test")),
+                     int(_cfg_value(row, "seed") if data_seed is None else data_seed),
+                     target=_cfg_value(row, "boolean_target"))
+    idx = np.concatenate([task.idx_train, task.idx_attack])
+    lab = np.concatenate([task.y_train.numpy(), task.y_attack.numpy()]).astype(np.uint8)
+    return idx, lab
+
+
+def psgd_table(df: pd.DataFrame, prior, group_by: Sequence[str] = ("optimizer",), *,
+               top_sampled: int = 1000) -> pd.DataFrame:
+    r"""``P_SGD(f)`` against the Bayesian posterior ``P_B(f | S)``, per function (Boolean system).
+
+    For each group of runs (one training set S each, e.g. per optimizer): ``P_SGD(f)`` is the
+    fraction of its runs that reached zero training error with function ``f`` (on all 128
+    inputs); ``P_B(f | S)`` is the fraction of the sampled random networks that fit S which
+    compute ``f`` (:meth:`flatprior.prior.BooleanPrior.posterior`; Mingard et al., "Is SGD a
+    Bayesian sampler? Well, almost", JMLR 22, 2021).
+
+    Args:
+        df: Boolean runs (``function``, ``status`` and the config fields of S).
+        prior: :class:`flatprior.prior.BooleanPrior` sampled for the runs' network.
+        group_by: run fields that split the runs (each group must share one S).
+        top_sampled: also list this many of the most probable posterior functions that the
+            runs did not find (a 1e8-network sample fits S with millions of functions: they
+            are counted in ``functions_sampled``, not listed).
+
+    Returns:
+        One row per (group, function) found by the runs or among the ``top_sampled`` most
+        probable under the sampled posterior: the group fields, ``training_set`` (``|S| = m,
+        data seed d``), ``function`` (128-char 0/1 string), ``sgd_count``, ``p_sgd``,
+        ``n_sgd`` (zero-error runs of the group), ``sampled_count``, ``p_b``, ``p_b_ci_low``,
+        ``p_b_ci_high`` (95 % Wilson), ``n_fit`` (sampled networks that fit S),
+        ``functions_sampled`` (distinct sampled functions that fit S). Sorted by group, then
+        ``p_sgd`` and ``p_b`` descending.
+    """
+    from flatprior.prior.exact import wilson_interval
+
+    if "function" not in df.columns:
+        raise FlatpriorError("no 'function' column: P_SGD vs P_B needs Boolean runs")
+    d = df[df["function"].notna()]
+    if "status" in d.columns:
+        d = d[d["status"] == "zero_error"]
+    cols = ["training_set", "function", "sgd_count", "p_sgd", "n_sgd", "sampled_count", "p_b",
+            "p_b_ci_low", "p_b_ci_high", "n_fit", "functions_sampled"]
+    groups = [g for g in group_by if g in d.columns]
+    if d.empty:
+        return pd.DataFrame(columns=[*groups, *cols])
+    set_fields = [f for f in ("n_train", "n_attack", "n_test", "data_seed", "seed",
+                              "boolean_target") if f in d.columns]
+    d = d.copy()
+    # the fields that fix S (the data seed is `seed` when `data_seed` is unset): one task
+    # draw per distinct combination, not per run
+    d["_dseed"] = [_train_seed(r) for r in d[set_fields].to_dict("records")]
+    fixing = [f for f in set_fields if f not in ("seed", "data_seed")] + ["_dseed"]
+    d["_set"] = ["|".join(map(str, r)) for r in d[fixing].itertuples(index=False)]
+    sets = {k: boolean_training_set(d.loc[d["_set"] == k, set_fields].iloc[0].to_dict())
+            for k in d["_set"].unique()}
+    n_points = 2**prior.n_inputs
+    parts = []
+    for gkey, g in d.groupby([*groups, "_set"], sort=True, dropna=False):
+        gkey = gkey if isinstance(gkey, tuple) else (gkey,)
+        idx, lab = sets[gkey[-1]]
+        post = prior.posterior(idx, lab)
+        n_sgd = len(g)
+        sgd = g["function"].value_counts()
+        found = np.frombuffer("".join(sgd.index).encode(), dtype=np.uint8).reshape(
+            len(sgd), -1) - ord("0")
+        top = np.argsort(-post.counts, kind="stable")[: int(top_sampled)]
+        t = pd.DataFrame({"function": sgd.index, "sgd_count": sgd.to_numpy()}).merge(
+            pd.DataFrame({"function": _key_strings(post.keys[top], n_points),
+                          "sampled_count": post.counts[top]}), on="function", how="outer")
+        t["sgd_count"] = t["sgd_count"].fillna(0).astype(np.int64)
+        # every function the runs found is looked up, listed among the top or not
+        lookup = dict(zip(sgd.index, post.counts_of(found), strict=True))
+        t["sampled_count"] = [lookup.get(f, c) for f, c in zip(
+            t["function"], t["sampled_count"].fillna(0), strict=True)]
+        t["sampled_count"] = t["sampled_count"].astype(np.int64)
+        t["p_sgd"] = t["sgd_count"] / n_sgd
+        t["n_sgd"] = n_sgd
+        t["n_fit"] = post.n_samples
+        t["functions_sampled"] = post.n_functions
+        if post.n_samples:
+            t["p_b"] = t["sampled_count"] / post.n_samples
+            t["p_b_ci_low"], t["p_b_ci_high"] = wilson_interval(t["sampled_count"], post.n_samples)
+        else:
+            t["p_b"] = t["p_b_ci_low"] = t["p_b_ci_high"] = np.nan
+        t["training_set"] = f"|S| = {len(idx)}, data seed {_train_seed(g[set_fields].iloc[0])}"
+        for name, v in zip(groups, gkey[: len(groups)], strict=True):
+            t[name] = v
+        parts.append(t.sort_values(["p_sgd", "p_b", "function"],
+                                   ascending=[False, False, True])[[*groups, *cols]])
+    return pd.concat(parts, ignore_index=True)
+
+
+def _key_strings(keys: np.ndarray, n_points: int) -> list[str]:
+    """Packed function keys ``uint64 [m, 2]`` -> 0/1 strings of their ``n_points`` bits."""
+    raw = np.ascontiguousarray(keys).astype(">u8").view(np.uint8).reshape(len(keys), 16)
+    bits = np.unpackbits(raw, axis=1, bitorder="big")[:, :n_points] + ord("0")
+    return [row.tobytes().decode() for row in bits]
+
+
+def _train_seed(row) -> int:
+    ds = _cfg_value(row, "data_seed")
+    return int(_cfg_value(row, "seed") if ds is None else ds)
+
+
+def psgd_summary(table: pd.DataFrame, group_by: Sequence[str] = ("optimizer",), *,
+                 n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Agreement of ``P_SGD`` and ``P_B(f | S)`` per group of a :func:`psgd_table`.
+
+    Correlations over the functions both SGD and the sampled posterior found (log10 of each):
+    Pearson ``r`` and Kendall ``tau`` with percentile-bootstrap 95 % intervals.
+
+    Returns:
+        One row per group: the group fields, ``training_set``, ``n_sgd`` (runs), ``n_fit``
+        (sampled networks fitting S), ``functions_sgd`` / ``functions_sampled`` /
+        ``functions_both``, ``sgd_mass_sampled`` (fraction of SGD runs whose function the
+        posterior sample contains), ``posterior_mass_sgd`` (posterior mass of the functions SGD
+        found), ``pearson_log10``, ``kendall`` and their ``_ci_low`` / ``_ci_high``.
+    """
+    groups = [g for g in group_by if g in table.columns]
+    rows = []
+    for gkey, t in table.groupby([*groups, "training_set"], sort=True, dropna=False):
+        gkey = gkey if isinstance(gkey, tuple) else (gkey,)
+        both = t[(t["sgd_count"] > 0) & (t["sampled_count"] > 0)]
+        x, y = np.log10(both["p_b"].to_numpy(float)), np.log10(both["p_sgd"].to_numpy(float))
+        row = dict(zip([*groups, "training_set"], gkey, strict=True))
+        row.update(n_sgd=int(t["n_sgd"].iloc[0]), n_fit=int(t["n_fit"].iloc[0]),
+                   functions_sgd=int((t["sgd_count"] > 0).sum()),
+                   functions_sampled=int(t["functions_sampled"].iloc[0]),
+                   functions_both=len(both),
+                   sgd_mass_sampled=float(t.loc[t["sampled_count"] > 0, "p_sgd"].sum()),
+                   posterior_mass_sgd=float(t.loc[t["sgd_count"] > 0, "p_b"].sum()))
+        for name, method in (("pearson_log10", "pearson"), ("kendall", "kendall")):
+            c = correlation(x, y, method, n_boot=n_boot, seed=seed)
+            row[name], row[f"{name}_ci_low"], row[f"{name}_ci_high"] = (
+                c["estimate"], c["ci_low"], c["ci_high"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+#: log P(f) estimators of a Boolean table: (name, column); a column ``<col>_ci_low`` /
+#: ``<col>_ci_high`` beside it holds its 95 % interval
+LOG_P_ESTIMATORS = (("sampling", "log_p_sampled"), ("tilting", "log_p_tilting"),
+                    ("EP", "log_prior"))
+
+
+def prior_agreement(bt: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """How well the log P(f) estimators of a :func:`boolean_table` agree, pair by pair.
+
+    Over the functions both estimators of a pair give a finite value: the difference
+    ``d = a - b`` in nats (median, median |d|, max |d|), Kendall τ between them with a
+    percentile-bootstrap 95 % interval, and, when both have intervals, the fraction of
+    functions whose two 95 % intervals overlap.
+
+    Returns:
+        One row per pair: ``a``, ``b``, ``n``, ``median_d``, ``median_abs_d``, ``max_abs_d``,
+        ``kendall``, ``kendall_ci_low``, ``kendall_ci_high``, ``ci_overlap``.
+    """
+    have = [(n, c) for n, c in LOG_P_ESTIMATORS if c in bt and bt[c].notna().sum() >= 1]
+    rows = []
+    for i, (na, ca) in enumerate(have):
+        for nb, cb in have[i + 1:]:
+            a = pd.to_numeric(bt[ca], errors="coerce").to_numpy(float)
+            b = pd.to_numeric(bt[cb], errors="coerce").to_numpy(float)
+            ok = np.isfinite(a) & np.isfinite(b)
+            d = a[ok] - b[ok]
+            tau = correlation(a[ok], b[ok], "kendall", n_boot=n_boot, seed=seed)
+            overlap = np.nan
+            if all(f"{c}_ci_{e}" in bt for c in (ca, cb) for e in ("low", "high")) and ok.any():
+                lo = np.maximum(bt[f"{ca}_ci_low"].to_numpy(float), bt[f"{cb}_ci_low"].to_numpy(
+                    float))
+                hi = np.minimum(bt[f"{ca}_ci_high"].to_numpy(float),
+                                bt[f"{cb}_ci_high"].to_numpy(float))
+                overlap = float(np.mean((lo <= hi)[ok]))
+            rows.append({"a": na, "b": nb, "n": int(ok.sum()),
+                         "median_d": float(np.median(d)) if d.size else np.nan,
+                         "median_abs_d": float(np.median(np.abs(d))) if d.size else np.nan,
+                         "max_abs_d": float(np.max(np.abs(d))) if d.size else np.nan,
+                         "kendall": tau["estimate"], "kendall_ci_low": tau["ci_low"],
+                         "kendall_ci_high": tau["ci_high"], "ci_overlap": overlap})
+    return pd.DataFrame(rows)
 
 
 def epochs_summary(record: dict) -> pd.DataFrame:

@@ -6,6 +6,9 @@
   first zero-error epoch and the alpha-scaling epoch marked (Figs 5, S9).
 * :func:`boolean_figure` — mean sharpness / spectral norm of the functions SGD finds against
   their log P(f) (Figs 2, S3).
+* :func:`psgd_figure` — how often SGD finds each function, P_SGD(f), against its Bayesian
+  posterior P_B(f | S) from sampled random networks, log-log, one panel per optimizer
+  (Mingard et al. 2021).
 * :func:`psi_figure` — granulated Kendall Ψ of every predictor with its bootstrap interval, and
   the per-axis τ's (Jiang et al. 2020), ranked.
 
@@ -22,13 +25,19 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from flatprior.analysis.correlations import LOG_SCALE, measure_columns, split_fields
+from flatprior.analysis.correlations import (
+    LOG_SCALE,
+    correlation,
+    measure_columns,
+    split_fields,
+)
 from flatprior.measures import REGISTRY, column_label
 
 #: axis labels of the non-measure columns; measure labels come from the measure registry
 LABELS = {
     **{m.column: m.label.format(k="k") for m in REGISTRY.values()},
     "log_p_sampled": "log P(f) (sampled)",
+    "log_p_tilting": "log P(f) (tilting)",
     "test_error": "generalization error",
     "train_error": "train error",
     "train_loss": "train loss",
@@ -166,14 +175,18 @@ def epochs_figure(record: dict[str, Any], *, title: str | None = None) -> Figure
     return fig
 
 
-def boolean_figure(table: pd.DataFrame, *, title: str | None = None) -> Figure:
+def boolean_figure(table: pd.DataFrame, *, title: str | None = None,
+                   n_boot: int = 1000) -> Figure:
     """Flatness of the functions SGD finds vs their log P(f) (one point per function).
 
     Panels: every flatness column of :func:`flatprior.analysis.correlations.boolean_table`
     (``sharpness``, ``spectral_norm``, …) against ``log_prior`` (EP) and, if present,
-    ``log_p_sampled``; colour = how often SGD found the function (log10 of the count).
+    ``log_p_tilting`` and ``log_p_sampled`` (with their 95 % intervals as grey bars); colour =
+    how often SGD found the function (log10 of the count); each panel's title gives Kendall τ
+    with its percentile-bootstrap 95 % interval (``n_boot`` resamples) (Figs 2, S3).
     """
-    priors = [c for c in ("log_prior", "log_p_sampled") if c in table and table[c].notna().any()]
+    priors = [c for c in ("log_prior", "log_p_tilting", "log_p_sampled")
+              if c in table and table[c].notna().any()]
     flat = [c for c in measure_columns(table) if c not in ("log_prior", "pac_bayes_bound")]
     if not priors or not flat:
         fig = Figure(figsize=(4, 2))
@@ -188,13 +201,75 @@ def boolean_figure(table: pd.DataFrame, *, title: str | None = None) -> Figure:
             ax = axes[i, j]
             y = pd.to_numeric(table[m], errors="coerce")
             sc = _scatter(ax, table[p], y, c, cmap="plasma")
+            if f"{p}_ci_low" in table:  # the estimator's 95 % interval of log P
+                ax.errorbar(table[p], y, xerr=[(table[p] - table[f"{p}_ci_low"]).clip(lower=0),
+                                               (table[f"{p}_ci_high"] - table[p]).clip(lower=0)],
+                            fmt="none", ecolor="grey", elinewidth=0.5, alpha=0.6, zorder=0)
             if m in LOG_SCALE and (y > 0).all():
                 ax.set_yscale("log")
+            tau = correlation(table[p], y, "kendall", n_boot=n_boot, seed=0)
+            if np.isfinite(tau["estimate"]):
+                ci = (f" [{tau['ci_low']:+.2f}, {tau['ci_high']:+.2f}]"
+                      if np.isfinite(tau["ci_low"]) else "")
+                ax.set_title(f"τ = {tau['estimate']:+.2f}{ci}, n = {tau['n']}", fontsize=9)
             ax.set_xlabel(label(p))
             ax.set_ylabel(label(m))
             ax.grid(alpha=0.3)
     if sc is not None:
         fig.colorbar(sc, ax=axes, label="log10 (times SGD found f)", shrink=0.8)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def psgd_figure(table: pd.DataFrame, summary: pd.DataFrame | None = None, *,
+                group_by: Sequence[str] = ("optimizer",), title: str | None = None) -> Figure:
+    """``P_SGD(f)`` against ``P_B(f | S)``, log-log, one panel per group (Mingard et al. 2021).
+
+    Points: the functions both SGD and the sampled posterior found
+    (:func:`flatprior.analysis.correlations.psgd_table`), with the Wilson 95 % interval of
+    ``P_B`` as a grey bar; the dashed line is ``P_SGD = P_B``. Panel titles: Pearson r of the
+    log10 values and Kendall τ from ``summary``
+    (:func:`flatprior.analysis.correlations.psgd_summary`) when given.
+    """
+    groups = [g for g in group_by if g in table.columns]
+    keys = list(table.groupby([*groups, "training_set"], sort=True, dropna=False).groups)
+    if not keys:
+        fig = Figure(figsize=(4, 2))
+        fig.text(0.5, 0.5, "no functions to plot", ha="center")
+        return fig
+    fig = Figure(figsize=(4.2 * len(keys), 4.0), layout="constrained")
+    axes = fig.subplots(1, len(keys), squeeze=False)[0]
+    for ax, key in zip(axes, keys, strict=True):
+        key = key if isinstance(key, tuple) else (key,)
+        sel = np.ones(len(table), dtype=bool)
+        for name, v in zip([*groups, "training_set"], key, strict=True):
+            sel &= (table[name] == v).to_numpy()
+        t = table[sel & (table["sgd_count"] > 0).to_numpy() & (table["sampled_count"] > 0)
+                  .to_numpy()]
+        ax.errorbar(t["p_b"], t["p_sgd"], xerr=[(t["p_b"] - t["p_b_ci_low"]).clip(lower=0),
+                                                (t["p_b_ci_high"] - t["p_b"]).clip(lower=0)],
+                    fmt="none", ecolor="grey", elinewidth=0.5, alpha=0.6, zorder=1)
+        ax.scatter(t["p_b"], t["p_sgd"], s=14, edgecolors="k", linewidths=0.3, zorder=2)
+        if len(t):
+            lo = float(min(t["p_b"].min(), t["p_sgd"].min())) / 2
+            ax.plot([lo, 1], [lo, 1], "k--", lw=0.8, zorder=0)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        head = ", ".join(str(v) for v in key[:-1])
+        stats_line = ""
+        if summary is not None and len(summary):
+            ssel = np.ones(len(summary), dtype=bool)
+            for name, v in zip([*groups, "training_set"], key, strict=True):
+                ssel &= (summary[name] == v).to_numpy()
+            if ssel.any():
+                r = summary[ssel].iloc[0]
+                stats_line = (f"\nr(log) = {r['pearson_log10']:+.2f}, τ = {r['kendall']:+.2f}, "
+                              f"{int(r['functions_both'])} functions")
+        ax.set_title(f"{head} ({key[-1]}){stats_line}", fontsize=9)
+        ax.set_xlabel("P_B(f | S) (sampled random networks)")
+        ax.set_ylabel("P_SGD(f) (fraction of runs)")
+        ax.grid(alpha=0.3, which="both")
     if title:
         fig.suptitle(title, fontsize=11)
     return fig

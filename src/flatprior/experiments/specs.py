@@ -27,12 +27,19 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from flatprior.errors import FlatpriorError
 
 PRESETS = ("quick", "paper")
-ANALYSES = ("attack", "epochs", "boolean")
+ANALYSES = ("attack", "epochs", "boolean", "psgd")
 
 
 MAX_RUNS = 1_000_000  # grid-size cap: beyond it a sweep is a typo, not an experiment
@@ -103,7 +110,13 @@ class _Layer(BaseModel):
 
 
 class PresetSpec(_Layer):
-    """Overrides of one preset (``quick`` or ``paper``)."""
+    """Overrides of one preset (``quick`` or ``paper``).
+
+    ``prior_samples``: Boolean specs: random networks the report samples for P(f) by default
+    (``flatprior report --boolean-samples`` overrides it).
+    """
+
+    prior_samples: int | None = Field(default=None, ge=0)
 
 
 class VariantSpec(_Layer):
@@ -129,7 +142,8 @@ class ExperimentSpec(_Layer):
         title: one line for ``flatprior list``.
         reproduces: the paper figure(s).
         analysis: ``attack`` (measure vs generalization error over the attack-set sweep),
-            ``epochs`` (per-epoch curves), ``boolean`` (per-function flatness vs log P(f)).
+            ``epochs`` (per-epoch curves), ``boolean`` (per-function flatness vs log P(f)),
+            ``psgd`` (how often SGD finds each function vs its Bayesian posterior P_B(f | S)).
         needs: what must be present to run it (data files), shown by ``flatprior list``.
         group_by: run fields the correlations are split by (besides those that vary).
         boolean_top: ``boolean`` analysis: how many of the most frequent functions to keep.
@@ -138,7 +152,7 @@ class ExperimentSpec(_Layer):
     name: str
     title: str
     reproduces: str
-    analysis: Literal["attack", "epochs", "boolean"] = "attack"
+    analysis: Literal["attack", "epochs", "boolean", "psgd"] = "attack"
     needs: str | None = None
     group_by: list[str] = ["optimizer"]
     boolean_top: int = 1000
@@ -213,6 +227,7 @@ class Resolved:
             "analysis": self.spec.analysis,
             "group_by": list(self.spec.group_by),
             "boolean_top": self.spec.boolean_top,
+            "prior_samples": self.spec.presets[self.preset].prior_samples,
             "needs": self.needs,
             "base": self.base,
             "sweep": self.sweep,

@@ -183,9 +183,75 @@ class BooleanPrior:
 
     def count_of(self, bits) -> int:
         """Count of the function with output bits ``bits [N]`` (0 if never seen)."""
-        key = _pack(np.asarray(bits).astype(bool).reshape(1, -1))[0]
-        i = np.flatnonzero((self.keys[:, 0] == key[0]) & (self.keys[:, 1] == key[1]))
-        return int(self.counts[i[0]]) if i.size else 0
+        return int(self.counts_of(np.asarray(bits).reshape(1, -1))[0])
+
+    def counts_of(self, bits) -> np.ndarray:
+        """Counts ``int64 [B]`` of the functions with output bits ``bits [B, N]`` (0: unseen).
+
+        Binary search in the sorted keys: ``O(B log n_functions)``.
+        """
+        b = np.asarray(bits).astype(bool)
+        if b.ndim != 2 or b.shape[1] != 2**self.n_inputs:
+            raise FlatpriorError(f"bits must be [B, {2**self.n_inputs}] (one function per row), "
+                                 f"got shape {b.shape}")
+        # (hi, lo) rows as one structured scalar each: numpy compares them field by field,
+        # the order _reduce sorted them in
+        pair = np.dtype([("hi", np.uint64), ("lo", np.uint64)])
+        table = np.ascontiguousarray(self.keys).view(pair).reshape(-1)
+        query = np.ascontiguousarray(_pack(b)).view(pair).reshape(-1)
+        pos = np.minimum(np.searchsorted(table, query), max(len(table) - 1, 0))
+        if not len(table):
+            return np.zeros(len(query), dtype=np.int64)
+        return np.where(table[pos] == query, self.counts[pos], 0).astype(np.int64)
+
+    def consistent(self, indices, labels) -> np.ndarray:
+        """Which sampled functions fit a training set: ``bool [n_functions]``.
+
+        Function ``k`` fits ``S = {(x_i, y_i)}`` when ``f_k(x_i) = y_i`` for every ``i`` in
+        ``indices`` (inputs numbered as in :func:`boolean_inputs`); tested on the packed keys
+        with one mask, so a sample over all ``2^n_inputs`` inputs serves every ``S``.
+
+        Args:
+            indices: input numbers ``[m]`` in ``0 .. 2^n_inputs - 1`` (distinct).
+            labels: their labels ``[m]`` in ``{0, 1}``.
+        """
+        n_points = 2**self.n_inputs
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        lab = np.asarray(labels).reshape(-1)
+        if idx.shape != lab.shape:
+            raise FlatpriorError(f"{idx.size} indices but {lab.size} labels; give one label each")
+        if idx.size and (idx.min() < 0 or idx.max() >= n_points):
+            raise FlatpriorError(f"input indices must lie in 0..{n_points - 1}")
+        if len(np.unique(idx)) < idx.size:
+            raise FlatpriorError("input indices repeat; give each training input once")
+        if not np.isin(lab, (0, 1)).all():
+            raise FlatpriorError("labels must be 0 or 1")
+        mask = np.zeros((1, n_points), dtype=bool)
+        mask[0, idx] = True
+        want = np.zeros((1, n_points), dtype=bool)
+        want[0, idx] = lab.astype(bool)
+        m, w = _pack(mask)[0], _pack(want)[0]
+        return ((self.keys & m) == w).all(axis=1)
+
+    def posterior(self, indices, labels) -> BooleanPrior:
+        r"""The sampled functions that fit a training set: the Bayesian posterior ``P_B(f | S)``.
+
+        With a 0-1 likelihood the posterior of a function ``f`` consistent with ``S`` is
+        ``P(f) / P(S)``, estimated by its frequency among the sampled networks that fit ``S``
+        (Mingard et al., "Is SGD a Bayesian sampler? Well, almost", JMLR 22, 2021):
+
+        $$ \hat P_B(f \mid S) = \frac{\mathrm{count}(f)}{\sum_{g \text{ fits } S}
+        \mathrm{count}(g)} $$
+
+        Returns:
+            A :class:`BooleanPrior` holding only the consistent functions, its ``n_samples``
+            the number of sampled networks that fit ``S`` (0 if none did), so :meth:`table`
+            gives ``P_B(f | S)`` with Wilson intervals.
+        """
+        ok = self.consistent(indices, labels)
+        counts = self.counts[ok]
+        return BooleanPrior(self.n_inputs, self.widths, self.sigma_w2, self.sigma_b2,
+                            self.keys[ok], counts, int(counts.sum()), self.seeds)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write an ``.npz`` (plain arrays + JSON metadata, no pickle)."""
