@@ -80,7 +80,7 @@ def test_database_from_another_version(cli, tmp_path):
     assert p.returncode == 2 and len(lines) == 1 and "schema version 99" in lines[0]
 
 
-_BOOL_RUN = ["run", "fig2-boolean", "--set", "seed=[0,1,2]", "--set", "batch_size=8",
+_BOOL_RUN = ["run", "fig2-boolean", "majority", "--set", "seed=[0,1,2]", "--set", "batch_size=8",
              "--set", "lr=0.01", "--set", "max_epochs=300", "--set", "measures=none",
              "--workers", "1", "--no-progress", "--ensemble", "auto"]
 
