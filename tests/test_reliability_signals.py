@@ -24,6 +24,16 @@ TESTS = Path(__file__).resolve().parent
 ABORT_LINE = "aborted (finished runs are stored; re-run to resume)"
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """Child pre-exec: SIGINT back to its default disposition.
+
+    A test runner started in the background of a non-interactive shell (``cmd &``, as CI
+    scripts may do) has SIGINT ignored, and an ignored signal stays ignored across exec: the
+    command under test would never see the Ctrl-C these tests send.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _env(**extra):
     path = f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
@@ -87,6 +97,7 @@ def test_sigint_during_train_exits_130_with_message():
         [sys.executable, "-m", "flatprior.cli", "train", "--n-train", "1500", "--n-test", "100",
          "--max-epochs", "100000", "--measures", "none", "--lr", "1e-6"],
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_sigint_as_in_a_terminal,
     )
     # the command imports torch (flatprior.cli does not): once libtorch is mapped, the signal
     # lands inside the command, not in the interpreter's start-up
@@ -105,7 +116,8 @@ def test_sigint_during_train_exits_130_with_message():
 def test_ctrl_c_during_run_exits_130_keeps_finished_runs_and_stops_workers(tmp_path):
     db = tmp_path / "r.db"
     p = subprocess.Popen(_run_cmd(db, 2), env=_env(FAKE_RUN_SLEEP="1.0"), start_new_session=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=_sigint_as_in_a_terminal)
     _wait(lambda: _rows(db) >= 2 or p.poll() is not None, 60, "two stored runs")
     workers = _children(p.pid)
     assert p.poll() is None and workers, p.communicate()
