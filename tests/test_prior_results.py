@@ -41,3 +41,28 @@ def test_exact_reports_not_converged_when_its_point_cap_is_too_small():
     y = np.array([1, -1, 1, -1, 1, 1, -1, 1])
     res = exact_log_orthant_prob(K, y, rel_tol=1e-9, max_points=20_000)
     assert res.converged is False and res.rel_err > 1e-9
+
+
+def test_large_factorisations_run_on_one_blas_thread(monkeypatch):
+    """Threaded OpenBLAS dpotrf segfaults at n = 20 000 on 2 threads (measured): above
+    SINGLE_THREAD_ABOVE_N the PSD check and EP factorise on one BLAS thread."""
+    import scipy.linalg.lapack as lapack_mod
+    from threadpoolctl import threadpool_info
+
+    from flatprior.prior import _threads, log_prior_ep
+
+    assert _threads.factorisation_threads(10_000, None) is None
+    assert _threads.factorisation_threads(10_001, None) == 1
+    assert _threads.factorisation_threads(10_001, 2) == 1
+    seen = []
+    real = lapack_mod.dpotrf
+
+    def spy(*a, **k):
+        seen.append(max(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(lapack_mod, "dpotrf", spy)
+    monkeypatch.setattr(_threads, "SINGLE_THREAD_ABOVE_N", 40)  # a small "large" n
+    K = 0.5 * np.eye(50) + 0.5
+    r = log_prior_ep(K, np.ones(50), n_threads=2)
+    assert r.converged and len(seen) >= 2 and set(seen) == {1}  # check_psd and EP's updates

@@ -29,3 +29,20 @@ def blas_threads(n_threads: int | None):
     if ctl is None:
         return contextlib.nullcontext()
     return ctl.limit(limits=int(n_threads), user_api="blas")
+
+
+#: Above this order dense factorisations (Cholesky, triangular inverse) run on one BLAS thread:
+#: OpenBLAS's threaded ``dpotrf`` crashes on large matrices with 2 threads (segmentation fault,
+#: measured at n = 20 000 with scipy 1.17.1's OpenBLAS on this 2-core machine, while one thread
+#: factorises it in 56 s; a known OpenBLAS failure mode, OpenMathLib/OpenBLAS#2562 and #2821).
+#: n = 10 000 with 2 threads is measured to work (the EP benchmarks).
+SINGLE_THREAD_ABOVE_N = 10_000
+
+
+def factorisation_threads(n: int, n_threads: int | None) -> int | None:
+    """BLAS threads for dense factorisations of order ``n``.
+
+    One above :data:`SINGLE_THREAD_ABOVE_N` whatever was asked (a crash is not a speed
+    trade-off); otherwise ``n_threads`` (``None``: leave BLAS alone).
+    """
+    return 1 if n > SINGLE_THREAD_ABOVE_N else n_threads

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from flatprior.errors import FlatpriorError
+from flatprior.prior._threads import blas_threads, factorisation_threads
 
 #: rounding allowance of :func:`check_psd`, per point and relative to ``max |K_ii|``
 PSD_RTOL = 1e-10
@@ -108,7 +109,8 @@ def check_psd(K: np.ndarray, *, rtol: float = PSD_RTOL) -> None:
     delta = rtol * n * scale
     a = np.array(K, dtype=np.float64, order="F")  # potrf overwrites its input
     a[np.diag_indices(n)] += delta
-    _, info = lapack.dpotrf(a, lower=1, overwrite_a=1, clean=0)
+    with blas_threads(factorisation_threads(n, None)):  # large n: see factorisation_threads
+        _, info = lapack.dpotrf(a, lower=1, overwrite_a=1, clean=0)
     del a
     if info == 0:
         return

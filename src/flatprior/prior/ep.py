@@ -74,7 +74,7 @@ from scipy.linalg import lapack, solve_triangular
 
 from flatprior.errors import FlatpriorError, check_choice, check_int, check_positive
 from flatprior.prior._mills import mills_terms
-from flatprior.prior._threads import blas_threads
+from flatprior.prior._threads import blas_threads, factorisation_threads
 from flatprior.prior._validate import as_kernel_and_signs, check_psd
 from flatprior.prior.likelihoods import GaussianCDFLikelihood, make_likelihood
 
@@ -599,7 +599,9 @@ def log_prior_ep(
             point (tests compare both starts to 1e-10).
         warm_rank: landmarks of the warm start (default ``min(500, n // 4)``).
         n_threads: BLAS threads (via threadpoolctl). Default: 1 for ``n < 2048`` (multi-threaded
-            OpenBLAS on small matrices is up to 30x slower on a busy machine), else all cores.
+            OpenBLAS on small matrices is up to 30x slower on a busy machine), else all cores;
+            always 1 above ``n = 10 000``, where threaded OpenBLAS ``dpotrf`` was measured to
+            crash (:data:`flatprior.prior._threads.SINGLE_THREAD_ABOVE_N`).
 
     Returns:
         :class:`EPResult`.
@@ -626,7 +628,7 @@ def log_prior_ep(
                       anderson=int(anderson), warm_rank=rank)
     if n_threads is None:
         n_threads = 1 if n < 2048 else None
-    with blas_threads(n_threads):
+    with blas_threads(factorisation_threads(n, n_threads)):
         run, added = _ep_with_jitter(K, ysign, buf, float(jitter), float(max_jitter), opts,
                                      make_likelihood(likelihood, scale))
     st = run.state
