@@ -37,7 +37,7 @@ import math
 import numpy as np
 
 from flatprior.errors import FlatpriorError
-from flatprior.prior._threads import blas_threads
+from flatprior.prior._threads import blas_threads, factorisation_threads
 from flatprior.prior._validate import as_kernel_and_signs, check_psd
 from flatprior.prior.ep import (
     _ANDERSON_START,
@@ -293,6 +293,41 @@ def _distinct_pairs(K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(same), np.concatenate(anti)
 
 
+def _check_label_pairs(K: np.ndarray, Y: np.ndarray) -> None:
+    """Refuse rows with Heaviside ``P(f) = 0`` (the single path's one-line message).
+
+    Equal points with other labels, or opposite points with equal labels; the message names
+    the first such pair.
+    """
+    same, anti = _distinct_pairs(K)
+    bad = np.zeros(len(Y), dtype=bool)
+    if same.size:
+        bad |= (Y[:, same[:, 0]] != Y[:, same[:, 1]]).any(axis=1)
+    if anti.size:
+        bad |= (Y[:, anti[:, 0]] == Y[:, anti[:, 1]]).any(axis=1)
+    if bad.any():
+        _check_pairs(K, Y[int(np.flatnonzero(bad)[0])], heaviside=True)
+
+
+def _row_result(st, tr, f: int, added: float, scale: float) -> EPResult:
+    """Row ``f``'s :class:`EPResult`, in ``K``'s own scale (as :func:`log_prior_ep` returns)."""
+    return EPResult(
+        log_prob=float(st.energy[f]),
+        converged=tr.stop[f] != "max_iter",
+        n_iter=int(tr.n_iter[f]),
+        max_site_change=float(tr.dmax[f]),
+        log_prob_change=float(tr.dlog[f]),
+        stop_rule=tr.stop[f],
+        jitter=added * scale,
+        damping=tr.damping[f],
+        site_tau=st.tau[f] / scale,
+        site_nu=st.nu[f] / math.sqrt(scale),
+        post_mean=st.mu[f] * math.sqrt(scale),
+        post_var=st.sigma[f] * scale,
+        history=tuple(tr.history[f]),
+    )
+
+
 def log_prior_ep_batch(
     K,
     labels,
@@ -352,14 +387,7 @@ def log_prior_ep_batch(
     scale = _unit_mean_diagonal(K)
     _check_pairs(K, Y[0], heaviside=False)  # |r_ij| <= 1, once for the kernel
     if likelihood == "heaviside":
-        same, anti = _distinct_pairs(K)
-        bad = np.zeros(len(Y), dtype=bool)
-        if same.size:
-            bad |= (Y[:, same[:, 0]] != Y[:, same[:, 1]]).any(axis=1)
-        if anti.size:
-            bad |= (Y[:, anti[:, 0]] == Y[:, anti[:, 1]]).any(axis=1)
-        if bad.any():  # the single path's message, naming the pair
-            _check_pairs(K, Y[int(np.flatnonzero(bad)[0])], heaviside=True)
+        _check_label_pairs(K, Y)
     rank = 0
     if warm_start == "nystrom" or (warm_start == "auto" and n >= _WARM_MIN_N):
         rank = min(int(warm_rank) if warm_rank is not None else min(500, n // 4), n - 1)
@@ -374,27 +402,13 @@ def log_prior_ep_batch(
         n_threads = 1 if n < 2048 else None
     results: list[EPResult | None] = [None] * len(Y)
     retry: list[int] = []
-    with blas_threads(n_threads):
+    with blas_threads(factorisation_threads(n, n_threads)):
         st, tr, failed = _run_batch(K, Y, opts, lik)
         for f in range(len(Y)):
             if failed[f]:
                 retry.append(f)
                 continue
-            results[f] = EPResult(
-                log_prob=float(st.energy[f]),
-                converged=tr.stop[f] != "max_iter",
-                n_iter=int(tr.n_iter[f]),
-                max_site_change=float(tr.dmax[f]),
-                log_prob_change=float(tr.dlog[f]),
-                stop_rule=tr.stop[f],
-                jitter=added * scale,
-                damping=tr.damping[f],
-                site_tau=st.tau[f] / scale,
-                site_nu=st.nu[f] / math.sqrt(scale),
-                post_mean=st.mu[f] * math.sqrt(scale),
-                post_var=st.sigma[f] * scale,
-                history=tuple(tr.history[f]),
-            )
+            results[f] = _row_result(st, tr, f, added, scale)
     kwargs = dict(tol=tol, tol_log_prob=tol_log_prob, max_iter=max_iter, damping=damping,
                   adaptive_damping=adaptive_damping, jitter=jitter, max_jitter=max_jitter,
                   n_threads=n_threads, likelihood=likelihood, anderson=anderson,
