@@ -412,23 +412,10 @@ def boolean_prior_for(runs, *, samples: int = 0, files=(), seed: int = 0,
 
 def _dask_map(fn, jobs, scheduler) -> list:
     """``[fn(*job) for job in jobs]`` as Dask tasks (results gathered in order)."""
-    try:
-        from dask.distributed import Client
-    except ImportError:  # pragma: no cover - dask is a dependency
-        raise FlatpriorError("--scheduler needs dask[distributed]; pip install "
-                             "'dask[distributed]'") from None
-    own = not isinstance(scheduler, Client)
-    try:
-        client = Client(scheduler, timeout="20s") if own else scheduler
-    except (OSError, TimeoutError, ValueError) as exc:
-        raise FlatpriorError(f"cannot reach the Dask scheduler at {scheduler!r} ({exc}); check "
-                             "the address (tcp://host:8786)") from None
-    try:
-        futures = [client.submit(fn, *job, pure=False) for job in jobs]
-        return client.gather(futures)
-    finally:
-        if own:
-            client.close()
+    from flatprior.experiments.runner import dask_client
+
+    with dask_client(scheduler) as client:
+        return client.gather([client.submit(fn, *job, pure=False) for job in jobs])
 
 
 # -- HTML -----------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ default :func:`flatprior.pipeline.run`), which is how the tests use cheap fakes.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import os
@@ -441,26 +442,40 @@ def _run_pool(items, run_fn: RunFn, n: int, take, memory_budget: int | None = No
     pool.shutdown(wait=True)
 
 
-def _run_dask(items, run_fn: RunFn, scheduler, take, timeout: float,
-              memory_budget: int | None = None) -> None:
+@contextlib.contextmanager
+def dask_client(scheduler, timeout: float = 20.0):
+    """A ``dask.distributed.Client`` for ``scheduler`` (an address or a Client).
+
+    A client opened here from an address is closed on leaving the block; a Client passed in
+    is left open. One-line errors when dask is missing or the scheduler cannot be reached.
+    """
     try:
-        from dask.distributed import Client, as_completed
+        from dask.distributed import Client
     except ImportError:  # pragma: no cover - dask is a dependency
         raise FlatpriorError(
             "--scheduler needs dask[distributed]; pip install 'dask[distributed]'"
         ) from None
-    own = not isinstance(scheduler, Client)
-    if own:
-        try:
-            client = Client(scheduler, timeout=f"{timeout}s")
-        except (OSError, TimeoutError, ValueError) as exc:
-            raise FlatpriorError(
-                f"cannot reach the Dask scheduler at {scheduler!r} ({exc}); check the address "
-                "(tcp://host:8786) and that `dask scheduler` is running"
-            ) from None
-    else:
-        client = scheduler
+    if isinstance(scheduler, Client):
+        yield scheduler
+        return
     try:
+        client = Client(scheduler, timeout=f"{timeout}s")
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise FlatpriorError(
+            f"cannot reach the Dask scheduler at {scheduler!r} ({exc}); check the address "
+            "(tcp://host:8786) and that `dask scheduler` is running"
+        ) from None
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def _run_dask(items, run_fn: RunFn, scheduler, take, timeout: float,
+              memory_budget: int | None = None) -> None:
+    with dask_client(scheduler, timeout) as client:
+        from dask.distributed import as_completed  # importable: dask_client checked
+
         futs = {}
         for item, ens in items:  # one Dask task per run or per ensemble
             dkey = f"flatprior-{item[0][0]}-{uuid.uuid4().hex[:8]}"
@@ -475,6 +490,3 @@ def _run_dask(items, run_fn: RunFn, scheduler, take, timeout: float,
                 recs = [{"status": FAILED, "error": f"{type(exc).__name__}: {exc}"}] * len(item)
             take(item, [dict(r) for r in recs])
             fut.release()
-    finally:
-        if own:
-            client.close()

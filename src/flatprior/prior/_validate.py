@@ -13,22 +13,17 @@ PSD_RTOL = 1e-10
 _DENSE_EIG_MAX_N = 3000
 
 
-def as_kernel_and_signs(K, y, *, sym_tol: float = 1e-8) -> tuple[np.ndarray, np.ndarray]:
-    """Validate a kernel matrix and labels; return ``(K float64 [n, n], y float64 in {±1} [n])``.
+def as_kernel(K, *, sym_tol: float = 1e-8) -> np.ndarray:
+    """Validate a kernel matrix; return a fresh float64 copy ``[n, n]`` (callers may modify it).
 
     Args:
         K: square symmetric covariance, array-like or torch tensor, shape ``[n, n]``.
-        y: labels of f, shape ``[n]``, values in ``{-1, +1}`` or ``{0, 1}`` (0 is mapped to -1).
         sym_tol: allowed ``max|K - K^T|`` relative to ``max|K|``.
 
-    Returns a fresh float64 copy of ``K`` (callers may modify it in place).
-
     Raises:
-        FlatpriorError: on a non-square, non-symmetric or non-finite ``K``, labels outside
-            ``{±1}``/``{0,1}``, or a length mismatch.
+        FlatpriorError: on an empty, non-square, non-numeric, non-finite or non-symmetric ``K``.
     """
     K = K.detach().cpu().numpy() if hasattr(K, "detach") else np.asarray(K)
-    y = y.detach().cpu().numpy() if hasattr(y, "detach") else np.asarray(y)
     if K.ndim != 2 or K.shape[0] != K.shape[1]:
         raise FlatpriorError(f"kernel K must be a square [n, n] matrix, got shape {K.shape}")
     if K.shape[0] == 0:
@@ -49,6 +44,25 @@ def as_kernel_and_signs(K, y, *, sym_tol: float = 1e-8) -> tuple[np.ndarray, np.
     )
     if asym > sym_tol * scale:
         raise FlatpriorError("kernel K is not symmetric; pass (K + K.T) / 2 if that is intended")
+    return K
+
+
+def as_kernel_and_signs(K, y, *, sym_tol: float = 1e-8) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a kernel matrix and labels; return ``(K float64 [n, n], y float64 in {±1} [n])``.
+
+    Args:
+        K: square symmetric covariance, array-like or torch tensor, shape ``[n, n]``.
+        y: labels of f, shape ``[n]``, values in ``{-1, +1}`` or ``{0, 1}`` (0 is mapped to -1).
+        sym_tol: allowed ``max|K - K^T|`` relative to ``max|K|``.
+
+    Returns a fresh float64 copy of ``K`` (callers may modify it in place).
+
+    Raises:
+        FlatpriorError: on a non-square, non-symmetric or non-finite ``K``, labels outside
+            ``{±1}``/``{0,1}``, or a length mismatch.
+    """
+    K = as_kernel(K, sym_tol=sym_tol)
+    y = y.detach().cpu().numpy() if hasattr(y, "detach") else np.asarray(y)
     y = y.reshape(-1) if y.ndim == 2 and 1 in y.shape else y
     if y.ndim != 1:
         raise FlatpriorError(f"labels y must be a vector [n], got shape {y.shape}")

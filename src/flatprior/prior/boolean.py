@@ -199,9 +199,9 @@ class BooleanPrior:
         pair = np.dtype([("hi", np.uint64), ("lo", np.uint64)])
         table = np.ascontiguousarray(self.keys).view(pair).reshape(-1)
         query = np.ascontiguousarray(_pack(b)).view(pair).reshape(-1)
-        pos = np.minimum(np.searchsorted(table, query), max(len(table) - 1, 0))
         if not len(table):
             return np.zeros(len(query), dtype=np.int64)
+        pos = np.minimum(np.searchsorted(table, query), len(table) - 1)
         return np.where(table[pos] == query, self.counts[pos], 0).astype(np.int64)
 
     def consistent(self, indices, labels) -> np.ndarray:

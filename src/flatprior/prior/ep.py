@@ -482,6 +482,28 @@ def _ep_with_jitter(K, ysign, buf, jit, max_jitter, opts: _EPOptions,
             jit = nxt
 
 
+def _make_options(n, tol, tol_log_prob, max_iter, damping, adaptive_damping, anderson,
+                  warm_start, warm_rank) -> _EPOptions:
+    """The run options of EP on ``n`` points (arguments already checked by _check_options)."""
+    rank = 0
+    if warm_start == "nystrom" or (warm_start == "auto" and n >= _WARM_MIN_N):
+        rank = min(int(warm_rank) if warm_rank is not None else min(500, n // 4), n - 1)
+    return _EPOptions(tol=float(tol), tol_log_prob=tol_log_prob, max_iter=int(max_iter),
+                      damping=float(damping), adaptive=bool(adaptive_damping),
+                      anderson=int(anderson), warm_rank=rank)
+
+
+def _ep_blas_threads(n: int, n_threads: int | None) -> int | None:
+    """BLAS threads of EP on ``n`` points.
+
+    ``n_threads``, by default 1 for ``n < 2048`` (threaded OpenBLAS on small matrices is slow
+    on a busy machine); always 1 above the factorisation limit (``factorisation_threads``).
+    """
+    if n_threads is None:
+        n_threads = 1 if n < 2048 else None
+    return factorisation_threads(n, n_threads)
+
+
 def _check_options(likelihood, tol, tol_log_prob, max_iter, damping, jitter, max_jitter,
                    warm_start, warm_rank, anderson) -> None:
     check_choice("EP likelihood", likelihood, ["heaviside", "probit"])
@@ -620,15 +642,9 @@ def log_prior_ep(
     scale = _unit_mean_diagonal(K)
     _check_pairs(K, ysign, heaviside=likelihood == "heaviside")
     buf = np.empty((n, n), dtype=np.float64, order="F")
-    rank = 0
-    if warm_start == "nystrom" or (warm_start == "auto" and n >= _WARM_MIN_N):
-        rank = min(int(warm_rank) if warm_rank is not None else min(500, n // 4), n - 1)
-    opts = _EPOptions(tol=float(tol), tol_log_prob=tol_log_prob, max_iter=int(max_iter),
-                      damping=float(damping), adaptive=bool(adaptive_damping),
-                      anderson=int(anderson), warm_rank=rank)
-    if n_threads is None:
-        n_threads = 1 if n < 2048 else None
-    with blas_threads(factorisation_threads(n, n_threads)):
+    opts = _make_options(n, tol, tol_log_prob, max_iter, damping, adaptive_damping, anderson,
+                         warm_start, warm_rank)
+    with blas_threads(_ep_blas_threads(n, n_threads)):
         run, added = _ep_with_jitter(K, ysign, buf, float(jitter), float(max_jitter), opts,
                                      make_likelihood(likelihood, scale))
     st = run.state

@@ -37,17 +37,18 @@ import math
 import numpy as np
 
 from flatprior.errors import FlatpriorError
-from flatprior.prior._threads import blas_threads, factorisation_threads
-from flatprior.prior._validate import as_kernel_and_signs, check_psd
+from flatprior.prior._threads import blas_threads
+from flatprior.prior._validate import as_kernel, check_psd
 from flatprior.prior.ep import (
     _ANDERSON_START,
     _SAME_POINT,
-    _WARM_MIN_N,
     EPResult,
     _Anderson,
     _check_options,
     _check_pairs,
+    _ep_blas_threads,
     _EPOptions,
+    _make_options,
     _NotPD,
     _nystrom_sites,
     _posterior_marginals,
@@ -377,8 +378,7 @@ def log_prior_ep_batch(
             not ``[F, n]`` with ``F >= 1`` or a row outside ``{±1}`` / ``{0, 1}``.
     """
     K0 = K
-    Kn = K.detach().cpu().numpy() if hasattr(K, "detach") else np.asarray(K)
-    K, _ = as_kernel_and_signs(Kn, np.ones(Kn.shape[0] if Kn.ndim == 2 else 0))
+    K = as_kernel(K)  # private float64 copy
     Y = label_matrix_signs(labels, K.shape[0])
     check_psd(K)
     _check_options(likelihood, tol, tol_log_prob, max_iter, damping, jitter, max_jitter,
@@ -388,21 +388,15 @@ def log_prior_ep_batch(
     _check_pairs(K, Y[0], heaviside=False)  # |r_ij| <= 1, once for the kernel
     if likelihood == "heaviside":
         _check_label_pairs(K, Y)
-    rank = 0
-    if warm_start == "nystrom" or (warm_start == "auto" and n >= _WARM_MIN_N):
-        rank = min(int(warm_rank) if warm_rank is not None else min(500, n // 4), n - 1)
-    opts = _EPOptions(tol=float(tol), tol_log_prob=tol_log_prob, max_iter=int(max_iter),
-                      damping=float(damping), adaptive=bool(adaptive_damping),
-                      anderson=int(anderson), warm_rank=rank)
+    opts = _make_options(n, tol, tol_log_prob, max_iter, damping, adaptive_damping, anderson,
+                         warm_start, warm_rank)
     added = float(jitter)
     if added > 0.0:  # the single path adds the initial jitter before its first run
         K[np.diag_indices(n)] += added
     lik = make_likelihood(likelihood, scale)
-    if n_threads is None:
-        n_threads = 1 if n < 2048 else None
     results: list[EPResult | None] = [None] * len(Y)
     retry: list[int] = []
-    with blas_threads(factorisation_threads(n, n_threads)):
+    with blas_threads(_ep_blas_threads(n, n_threads)):
         st, tr, failed = _run_batch(K, Y, opts, lik)
         for f in range(len(Y)):
             if failed[f]:
