@@ -63,7 +63,11 @@ def test_sample_prior_then_report(db, tmp_path, cli):
         r = cli("sample-prior", "psgd-boolean", "--samples", 20_000, "--seed", seed, "--out", f)
         assert r.returncode in (0, None), r.stderr
     prior = BooleanPrior.combine([BooleanPrior.load(f1), BooleanPrior.load(f2)])
-    assert prior.n_samples == 40_000 and prior.widths == (7, 40, 40, 1)
+    assert prior.n_samples == 40_000 and prior.widths == (7, 40, 40, 1) and prior.antithetic
+    f3 = tmp_path / "independent.npz"
+    r = cli("sample-prior", "psgd-boolean", "--samples", 1001, "--independent", "--out", f3)
+    assert r.returncode in (0, None), r.stderr
+    assert not BooleanPrior.load(f3).antithetic and BooleanPrior.load(f3).n_samples == 1001
     out = tmp_path / "rep.html"
     r = cli("report", db, "--out", out, "--n-boot", 50, "--boolean-prior", f1,
             "--boolean-prior", f2)
@@ -131,7 +135,9 @@ def test_sample_prior_bad_input_one_line(tmp_path, cli):
                         (["psgd-boolean", "--out", tmp_path / "x.txt"], ".npz"),
                         (["psgd-boolean", "--out", tmp_path / "no" / "x.npz"], "folder"),
                         (["psgd-boolean", "--samples", 0, "--out", tmp_path / "x.npz"],
-                         "no sampled prior")]:
+                         "no sampled prior"),
+                        (["psgd-boolean", "--samples", 1001, "--out", tmp_path / "x.npz"],
+                         "antithetic pairs: give an even number")]:
         r = cli("sample-prior", *args)
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert r.returncode == 2 and len(lines) == 1 and match in lines[0], r.stderr

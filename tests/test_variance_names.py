@@ -133,15 +133,17 @@ def test_boolean_sampler_reads_variances():
 def test_boolean_prior_files_of_format_1_load_as_variances(tmp_path):
     from flatprior.prior import BooleanPrior, sample_boolean_prior
 
-    prior = sample_boolean_prior(500, widths=(2, 3, 1), sigma_w2=0.25, sigma_b2=4.0, seed=1)
+    prior = sample_boolean_prior(500, widths=(2, 3, 1), sigma_w2=0.25, sigma_b2=4.0, seed=1,
+                                 antithetic=False)  # format 1 and 2 files hold independent draws
     old = tmp_path / "old.npz"
     meta = {"format": 1, "n_inputs": 2, "widths": [2, 3, 1], "sigma_w": 0.5, "sigma_b": 2.0,
             "n_samples": 500, "seeds": [1]}
     np.savez_compressed(old, keys=prior.keys, counts=prior.counts, meta=np.array(json.dumps(meta)))
     back = BooleanPrior.load(old)
     assert (back.sigma_w2, back.sigma_b2) == (0.25, 4.0)
+    assert not back.antithetic
     assert back.merge(sample_boolean_prior(10, (2, 3, 1), sigma_w2=0.25, sigma_b2=4.0,
-                                           seed=2)).n_samples == 510
+                                           seed=2, antithetic=False)).n_samples == 510
     new = tmp_path / "new.npz"
     prior.save(new)
     assert BooleanPrior.load(new).table().equals(prior.table())

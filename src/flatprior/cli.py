@@ -427,6 +427,9 @@ def sample_prior_cmd(
     scheduler: Annotated[
         str | None, typer.Option(help="Dask scheduler address: one task per 2^24-network chunk")
     ] = None,
+    independent: Annotated[bool, typer.Option(
+        "--independent", help="draw every network independently (default: antithetic pairs, "
+        "a network and its twin with the last layer negated: half the cost)")] = False,
 ) -> None:
     """Sample random networks of a Boolean spec: a prior P(f) chunk file for `flatprior report`.
 
@@ -445,7 +448,8 @@ def sample_prior_cmd(
     if not out_file.expanduser().parent.is_dir():
         raise FlatpriorError(f"cannot write {out_file}: its folder does not exist")
     t0 = time.perf_counter()
-    prior = boolean_prior_for(cfg, samples=samples, seed=seed, scheduler=scheduler)
+    prior = boolean_prior_for(cfg, samples=samples, seed=seed, scheduler=scheduler,
+                              antithetic=not independent)
     prior.save(out_file.expanduser())
     err.print(f"{prior.n_samples} networks ({prior.n_functions} distinct functions) in "
               f"{time.perf_counter() - t0:.0f} s written to {out_file}")

@@ -457,10 +457,8 @@ def boolean_table(df: pd.DataFrame, top: int | None = 1000, prior=None) -> pd.Da
         counts = prior.counts_of(np.array(
             [np.frombuffer(f.encode(), dtype=np.uint8) - ord("0") for f in out["function"]],
             dtype=np.uint8).reshape(len(out), 2**prior.n_inputs))
-        from flatprior.prior.exact import wilson_interval
-
         c = np.asarray(counts, dtype=float)
-        lo, hi = wilson_interval(c, prior.n_samples)
+        lo, hi = prior.probability_interval(c)
         out["sampled_count"] = counts
         with np.errstate(divide="ignore"):
             out["log_p_sampled"] = np.where(c > 0, np.log(c / prior.n_samples), np.nan)
@@ -529,8 +527,6 @@ def psgd_table(df: pd.DataFrame, prior, group_by: Sequence[str] = ("optimizer",)
         ``functions_sampled`` (distinct sampled functions that fit S). Sorted by group, then
         ``p_sgd`` and ``p_b`` descending.
     """
-    from flatprior.prior.exact import wilson_interval
-
     if "function" not in df.columns:
         raise FlatpriorError("no 'function' column: P_SGD vs P_B needs Boolean runs")
     d = df[df["function"].notna()]
@@ -577,7 +573,7 @@ def psgd_table(df: pd.DataFrame, prior, group_by: Sequence[str] = ("optimizer",)
         t["functions_sampled"] = post.n_functions
         if post.n_samples:
             t["p_b"] = t["sampled_count"] / post.n_samples
-            t["p_b_ci_low"], t["p_b_ci_high"] = wilson_interval(t["sampled_count"], post.n_samples)
+            t["p_b_ci_low"], t["p_b_ci_high"] = post.probability_interval(t["sampled_count"])
         else:
             t["p_b"] = t["p_b_ci_low"] = t["p_b_ci_high"] = np.nan
         t["training_set"] = f"|S| = {len(idx)}, data seed {_train_seed(g[set_fields].iloc[0])}"

@@ -329,7 +329,8 @@ def _chunk_seeds(seed: int, n_chunks: int) -> list[int]:
 
 
 def boolean_prior_for(runs, *, samples: int = 0, files=(), seed: int = 0,
-                      scheduler=None, progress: bool = True, cache: dict | None = None):
+                      scheduler=None, progress: bool = True, cache: dict | None = None,
+                      antithetic: bool = True):
     """The sampled prior ``P(f)`` of the networks that ``runs`` trained (Boolean system).
 
     The one place that reads the runs' variance fields and calls
@@ -350,6 +351,8 @@ def boolean_prior_for(runs, *, samples: int = 0, files=(), seed: int = 0,
         progress: progress bar on stderr (for >= 1e6 networks drawn locally).
         cache: a dict that keeps the result per network, size, files and seed (a report's
             sections share one sample).
+        antithetic: draw the networks in negated pairs (the sampler's default; ``samples``
+            must be even), else independently.
 
     Returns:
         A :class:`flatprior.prior.BooleanPrior` (files and drawn chunks combined).
@@ -364,7 +367,11 @@ def boolean_prior_for(runs, *, samples: int = 0, files=(), seed: int = 0,
     widths = (7, *(int(h) for h in hidden), 1)
     sigma_w2, sigma_b2 = float(cfg.get("sigma_w2", 2.0)), float(cfg.get("sigma_b2", 1.0))
     check_int("boolean prior samples", samples, 0)
-    key = (widths, sigma_w2, sigma_b2, int(samples), tuple(str(f) for f in files), int(seed))
+    if antithetic and samples % 2:
+        raise FlatpriorError(f"{samples} networks to sample is odd, but they are drawn in "
+                             "antithetic pairs: give an even number")
+    key = (widths, sigma_w2, sigma_b2, int(samples), tuple(str(f) for f in files), int(seed),
+           bool(antithetic))
     if cache is not None and key in cache:
         return cache[key]
     parts = [BooleanPrior.load(f) for f in files]
@@ -383,7 +390,7 @@ def boolean_prior_for(runs, *, samples: int = 0, files=(), seed: int = 0,
 
     def draw(n, s, report=None):
         return sample_boolean_prior(n, widths, sigma_w2=sigma_w2, sigma_b2=sigma_b2, seed=s,
-                                    progress=report)
+                                    antithetic=antithetic, progress=report)
 
     if jobs and scheduler is not None:
         parts += _dask_map(draw, jobs, scheduler)
