@@ -136,6 +136,34 @@ def test_log_prior_once_per_distinct_function():
         assert r.log_prob == pytest.approx(log_prior(K, y).log_prob, rel=1e-12)
 
 
+def test_worker_log_prior_cache_reuses_values_bit_for_bit(monkeypatch):
+    # a second ensemble on the same kernel estimates only functions the worker has not seen;
+    # its records equal a cold computation bit for bit
+    import flatprior.prior.api as api
+    from flatprior.experiments import ensemble as ens
+
+    configs = boolean_configs(range(6), measures=["log_prior"], max_epochs=60)
+    calls = []
+    real = api.log_prior_distinct
+
+    def counting(K, labels, **kw):
+        calls.append(len(labels))
+        return real(K, labels, **kw)
+
+    monkeypatch.setattr(api, "log_prior_distinct", counting)
+    monkeypatch.setattr(ens, "_PRIOR_CACHE", ens._PriorCache(ens.LOG_PRIOR_CACHE_SIZE))
+    first = ens.run_ensemble(configs[:4])
+    second = ens.run_ensemble(configs)
+    assert calls[0] == 4
+    assert len(calls) == 1 or calls[1] < 6  # only functions of seeds 4, 5 not seen before
+    monkeypatch.setattr(ens, "_PRIOR_CACHE", ens._PriorCache(0))  # cold: no reuse
+    cold = ens.run_ensemble(configs)
+    for a, b in zip(second, cold, strict=True):
+        assert a["function"] == b["function"] and a["log_prior"] == b["log_prior"]
+        assert a["log_prior_converged"] == b["log_prior_converged"]
+    assert [r["log_prior"] for r in first] == [r["log_prior"] for r in second[:4]]
+
+
 def _rows(db):
     try:
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)

@@ -40,6 +40,50 @@ DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 #: size suffixes of :func:`parse_memory_budget` (decimal kB/MB/GB/TB as in Dask, binary *iB)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+#: entries (a few floats each) of the worker's log P(f) cache across ensembles
+LOG_PRIOR_CACHE_SIZE = 200_000
+
+
+class _PriorCache:
+    """Arc-cosine kernels and EP log P(f) values a worker process already computed.
+
+    The runs of a Boolean sweep share one input set and one kernel, and thousands of them find
+    the same few functions; every ensemble task of a worker would otherwise recompute the
+    kernel and EP for the same label vectors. Both are deterministic functions of their key
+    (EP batched or not gives the same bits), so a cached value is the value recomputing would
+    give. Only the arc-cosine kernel (a function of X and the variances) and ``"ep"`` are
+    cached; the record fields of a function are kept, not its EP sites (LRU, bounded).
+    """
+
+    def __init__(self, size: int):
+        from collections import OrderedDict
+
+        self.size = size
+        self.kernels: dict[tuple, Any] = {}
+        self.values: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
+
+    def kernel(self, key: tuple | None, compute):
+        if key is None:
+            return compute()
+        if key not in self.kernels:
+            if len(self.kernels) >= 8:  # a sweep has a handful of input sets per worker
+                self.kernels.clear()
+            self.kernels[key] = compute()
+        return self.kernels[key]
+
+    def get(self, key: tuple) -> dict[str, Any] | None:
+        v = self.values.get(key)
+        if v is not None:
+            self.values.move_to_end(key)
+        return v
+
+    def put(self, key: tuple, fields: dict[str, Any]) -> None:
+        self.values[key] = fields
+        while len(self.values) > self.size:
+            self.values.popitem(last=False)
+
+
+_PRIOR_CACHE = _PriorCache(LOG_PRIOR_CACHE_SIZE)
 
 
 def parse_memory_budget(text: str | int) -> int:
@@ -328,20 +372,24 @@ def _measure_prior(ok: list[int], cfg0, tasks: list, models: list, records: list
         task = tasks[idx[0]]
         t0 = time.perf_counter()
         x = xs[h]
-        K = kernel_of(x, cfg0)
+        kkey = ((h, len(cfg0.hidden), cfg0.sigma_w2, cfg0.sigma_b2)
+                if cfg0.kernel == "arccos" else None)
+        K = _PRIOR_CACHE.kernel(kkey, lambda x=x: kernel_of(x, cfg0))
         dt_k = (time.perf_counter() - t0) / len(idx)
         for i in idx:
             records[i]["kernel_time_s"] = dt_k
         if "log_prior" in which:
-            _log_prior_on(K, x, idx, cfg0, models, records)
+            _log_prior_on(K, kkey, x, idx, cfg0, models, records)
         if "pac_bayes" in which:
             _pac_bayes_on(K, len(task.y_train), idx, cfg0, tasks, records)
 
 
-def _log_prior_on(K, x, idx: list[int], cfg0, models: list, records: list) -> None:
+def _log_prior_on(K, kkey: tuple | None, x, idx: list[int], cfg0, models: list,
+                  records: list) -> None:
     """Add log P(f) of the members ``idx`` (one shared input set ``x``, kernel ``K``).
 
-    One estimate per distinct function the members compute on ``x``.
+    One estimate per distinct function the members compute on ``x`` that this worker has not
+    estimated before on the same kernel (``kkey``; see :class:`_PriorCache`).
     """
     import torch
 
@@ -350,16 +398,25 @@ def _log_prior_on(K, x, idx: list[int], cfg0, models: list, records: list) -> No
 
     t0 = time.perf_counter()
     labels = torch.stack([predict(models[i], x) for i in idx])
-    results, _ = log_prior_distinct(K, labels, method=cfg0.prior_method)
+    cacheable = kkey is not None and cfg0.prior_method == "ep"
+    rows = [(kkey, cfg0.prior_method, bytes(lab.to(torch.int8).numpy())) for lab in labels]
+    fields = [_PRIOR_CACHE.get(r) if cacheable else None for r in rows]
+    todo = [j for j, f in enumerate(fields) if f is None]
+    if todo:
+        results, _ = log_prior_distinct(K, labels[todo], method=cfg0.prior_method)
+        for j, r in zip(todo, results, strict=True):
+            f = {"log_prior": float(r.log_prob),
+                 "log_prior_converged": bool(getattr(r, "converged", True))}
+            for name in ("std_err", "ci_low", "ci_high"):
+                if getattr(r, name, None) is not None:
+                    f[f"log_prior_{name}"] = float(getattr(r, name))
+            fields[j] = f
+            if cacheable:
+                _PRIOR_CACHE.put(rows[j], f)
     dt = (time.perf_counter() - t0) / len(idx)
-    for i, r in zip(idx, results, strict=True):
-        rec = records[i]
-        rec["log_prior"] = float(r.log_prob)
-        rec["log_prior_converged"] = bool(getattr(r, "converged", True))
-        for name in ("std_err", "ci_low", "ci_high"):
-            if getattr(r, name, None) is not None:
-                rec[f"log_prior_{name}"] = float(getattr(r, name))
-        rec["log_prior_time_s"] = dt
+    for i, f in zip(idx, fields, strict=True):
+        records[i].update(f)
+        records[i]["log_prior_time_s"] = dt
 
 
 def _pac_bayes_on(K, m: int, idx: list[int], cfg0, tasks: list, records: list) -> None:
