@@ -107,6 +107,10 @@ def test_overtraining_claim_from_pairs():
     [c] = C.claim_overtraining(pd.DataFrame(rows), [], n_boot=300, seed=0)
     assert c.verdict == C.HOLDS and c.n == 8 and c.ci_high < 1
     assert "median |d log P| 0.2" in c.detail
+    # single runs beside the pairs (a Boolean sweep: 1e5 of them) change nothing
+    singles = [{**rows[0], "key": f"single{s}", "seed": 100 + s} for s in range(50)]
+    [c2] = C.claim_overtraining(pd.DataFrame(rows + singles), [], n_boot=300, seed=0)
+    assert (c2.verdict, c2.n, c2.value, c2.ci_low) == (c.verdict, c.n, c.value, c.ci_low)
     rows_few = [r for r in rows if r["seed"] < 2]
     [c] = C.claim_overtraining(pd.DataFrame(rows_few), [], n_boot=100, seed=0)
     assert c.verdict == C.TOO_FEW
@@ -213,6 +217,26 @@ def test_claims_end_to_end_on_quick_presets(tmp_path, cli):
     c = next(d for k, d in by.items() if k.startswith("c/"))
     assert c["verdict"] in ("holds", "does not hold", "precondition failed")
     assert c["value"] > 0 and "identical f in 1/1" in c["detail"]
+
+
+def test_claims_from_a_reports_frames_equal_those_read_from_the_store(tmp_path):
+    db = _store_with(tmp_path / "r.db", _attack_rows("sgd") + _attack_rows("adam", sharp="noise"))
+    with Store(db, readonly=True) as st:
+        read = C.evaluate_claims(st, n_boot=100, seed=1)
+        given = C.evaluate_claims(st, n_boot=100, seed=1,
+                                  frames={"fig4@paper": st.to_frame(spec="fig4@paper")})
+    assert C.claims_json(read) == C.claims_json(given)
+
+
+def test_store_versions_are_the_distinct_versions_of_the_records(tmp_path):
+    db = tmp_path / "v.db"
+    with Store(db) as st:
+        st.set_spec("s", {"label": "s"})
+        for i, v in enumerate([{"torch": "2.13.0"}, {"torch": "2.13.0"}, {"torch": "2.14.1"}]):
+            st.put({"key": f"k{i}", "status": "done", "versions": v}, "s")
+        st.put({"key": "k9", "status": "done"}, "s")  # no versions field
+        got = sorted(json.dumps(v, sort_keys=True) for v in st.versions())
+        assert got == ['{"torch": "2.13.0"}', '{"torch": "2.14.1"}']
 
 
 def test_report_opens_with_the_claims(tmp_path):

@@ -9,6 +9,7 @@ experiment specs sweep its fields, and the CLI's ``train`` options are checked a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -197,6 +198,15 @@ def canonical_measures(names) -> tuple[str, ...]:
     return tuple(sorted(set(names), key=lambda m: (rank.get(m, len(rank)), m)))
 
 
+@functools.cache
+def _later_defaults() -> dict[str, Any]:
+    """Defaults of :data:`LATER_FIELDS`, looked up once.
+
+    pydantic's ``model_fields`` access is slow, and a report keys every stored record.
+    """
+    return {f: RunConfig.model_fields[f].default for f in LATER_FIELDS}
+
+
 def config_key(config: dict[str, Any], *, canonical: bool = True) -> str:
     """:meth:`RunConfig.key` of a config dict (e.g. a stored record's ``config``).
 
@@ -208,8 +218,8 @@ def config_key(config: dict[str, Any], *, canonical: bool = True) -> str:
     d = {k: v for k, v in config.items() if k not in NON_KEY_FIELDS}
     if isinstance(d.get("sigma_b2"), (int, float)):  # keyed as before the rename (see key())
         d["sigma_b"] = math.sqrt(d.pop("sigma_b2"))
-    for f in LATER_FIELDS:
-        if f in d and d[f] == RunConfig.model_fields[f].default:
+    for f, default in _later_defaults().items():
+        if f in d and d[f] == default:
             del d[f]
     for name in ("measures", "epoch_measures"):
         if canonical and isinstance(d.get(name), (list, tuple)):

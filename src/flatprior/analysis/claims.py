@@ -362,9 +362,10 @@ def overtraining_pairs(df: pd.DataFrame, records: Sequence[dict[str, Any]]) -> p
         cfg_cols = [c for c in ("dataset", "n_train", "n_test", "n_attack", "seed", "optimizer",
                                 "lr", "batch_size", "model", "hidden", "data_seed")
                     if c in d and c not in ignore]
-        for _, g in d.groupby(cfg_cols, dropna=False):
-            if g["ot"].nunique() < 2:
-                continue
+        # only configurations run with >= 2 overtraining lengths pair up (a Boolean sweep has
+        # 1e5 single runs: skip them without a Python loop)
+        several = d.groupby(cfg_cols, dropna=False)["ot"].transform("nunique") >= 2
+        for _, g in d[several].groupby(cfg_cols, dropna=False):
             g = g.sort_values("ot")
             first, last = g.iloc[0], g.iloc[-1]
             if first["ot"] != 0:
@@ -478,25 +479,39 @@ def claim_ep_accuracy(df: pd.DataFrame) -> list[Claim]:
 
 
 # -- all ----------------------------------------------------------------------------------------
-def evaluate_claims(store, *, n_boot: int = 1000, seed: int = 0) -> list[Claim]:
+def evaluate_claims(store, *, n_boot: int = 1000, seed: int = 0,
+                    frames: dict[str, pd.DataFrame] | None = None) -> list[Claim]:
     """Every claim's verdict from the runs in ``store`` (a :class:`flatprior.experiments.Store`).
+
+    Args:
+        store: the results database.
+        n_boot: bootstrap resamples of the confidence intervals.
+        seed: seed of the bootstrap.
+        frames: spec label -> :meth:`flatprior.experiments.Store.to_frame` of that label,
+            already read (a report's sections); labels missing here are read from ``store``.
 
     Raises:
         FlatpriorError: the store holds no runs, only failed runs, or no run that reached zero
             training error (the claims are about networks at zero error).
     """
-    frames, records = [], []
+    records: list[dict[str, Any]] = []
+    known = frames or {}
+    parts = []
     for label in store.specs():
         info = store.spec_info(label) or {}
-        recs = list(store.records(spec=label))  # parsed once: the frame and the histories
-        f = records_frame(recs, spec=label)
+        epochs = info.get("analysis") == "epochs"
+        if label in known and not epochs:
+            f = known[label].copy()
+        else:
+            recs = list(store.records(spec=label))  # parsed once: the frame and the histories
+            f = records_frame(recs, spec=label)
+            if epochs:
+                records.extend(r for r in recs if r.get("status") == "zero_error")
         if f.empty:
             continue
         f["analysis"] = info.get("analysis", "attack")
-        frames.append(f)
-        if info.get("analysis") == "epochs":
-            records.extend(r for r in recs if r.get("status") == "zero_error")
-    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        parts.append(f)
+    df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     if df.empty:
         raise FlatpriorError("the database holds no runs; run `flatprior run SPEC --out DB` first")
     statuses = df["status"].value_counts().to_dict() if "status" in df else {}

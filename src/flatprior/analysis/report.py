@@ -630,9 +630,10 @@ def write_report(
             analyse_spec(store, lab, n_boot=n_boot, seed=seed, prior=prior)
             for lab in labels
         ]
-        versions = [r.get("versions", {}) for r in store.records()]
-        try:
-            claims = evaluate_claims(store, n_boot=max(n_boot, 1), seed=seed)
+        versions = store.versions()
+        try:  # the sections' frames: each spec's records are parsed once per report
+            claims = evaluate_claims(store, n_boot=max(n_boot, 1), seed=seed,
+                                     frames={s.label: s.frame for s in sections})
         except FlatpriorError as exc:  # e.g. no run reached zero error: say so on the page
             claims = f"no verdicts: {exc}"
     page = render_html(sections, title=title, source=str(db), versions=versions, claims=claims)

@@ -274,6 +274,29 @@ class Store:
             rec["created"] = created
             yield rec
 
+    def versions(self) -> list[dict[str, Any]]:
+        """The distinct ``versions`` dicts of the stored records (library versions of the runs).
+
+        Extracted by SQLite's JSON functions, so a report does not parse every record again;
+        records SQLite cannot parse are skipped, as :meth:`records` skips them.
+        """
+        try:
+            rows = self._con.execute(
+                "SELECT DISTINCT json_extract(record, '$.versions') FROM runs "
+                "WHERE json_valid(record)").fetchall()
+        except sqlite3.OperationalError:  # an SQLite built without JSON functions
+            return list({json.dumps(r.get("versions") or {}, sort_keys=True): r.get("versions")
+                         or {} for r in self.records()}.values())
+        out = []
+        for (blob,) in rows:
+            try:
+                v = json.loads(blob) if blob is not None else None
+            except (TypeError, ValueError):
+                continue
+            if isinstance(v, dict):
+                out.append(v)
+        return out
+
     def count(self) -> int:
         """Number of stored runs (any status)."""
         return int(self._con.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
@@ -335,7 +358,7 @@ def records_frame(records: Iterable[dict[str, Any]], spec: str | None = None):
         cfg, key = r.get("config"), str(r.get("key"))
         if isinstance(cfg, dict):
             canonical = config_key(cfg)
-            if key in (canonical, config_key(cfg, canonical=False)):
+            if key != canonical and key == config_key(cfg, canonical=False):
                 key = canonical
         latest[key] = r
     rows = [flatten_record(r) for r in latest.values()]
