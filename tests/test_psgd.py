@@ -273,3 +273,15 @@ def test_boolean_prior_for_and_tilting_over_dask_equal_the_local_results(monkeyp
     assert tilt["log_p_tilting"].tolist() == pytest.approx(here["log_p_tilting"].tolist(),
                                                            rel=1e-12)
     assert (tilt["log_p_tilting_ci_low"] < tilt["log_p_tilting"]).all()
+
+
+def test_local_tilting_pool_equals_one_process():
+    # >= 16 functions go to a process pool (one estimate per core); values are the seed's
+    from flatprior.analysis import report
+
+    x = np.random.default_rng(0).normal(size=(12, 3))
+    K = x @ x.T / 3 + 0.5 * np.eye(12)
+    labels = [np.random.default_rng(i).integers(0, 2, 12) for i in range(16)]
+    pooled = report._tilting_local(K, labels, seed=4)
+    alone = [report._tilting_one(K, y, 4, 1) for y in labels]
+    assert pooled == alone
