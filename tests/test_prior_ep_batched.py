@@ -219,3 +219,22 @@ def test_log_prior_distinct_batches_distinct_rows():
         log_prior_distinct(K, labels[:2], method="ep", tol=1e-8)
     with pytest.raises(FlatpriorError, match=r"\[M, n\]"):
         log_prior_distinct(K, labels[0])
+
+
+@pytest.mark.parametrize("y", [[1, -1, 1], [0, 1, 1], [1, 1, 1], [0, 0, 0], [-1, -1, -1],
+                               [-1, 0, 1], [0, 2, 1], [0.5, 1, 1]])
+def test_one_vector_and_rows_follow_one_labelling_rule(y):
+    # log_prior_ep (one y) and the batch (rows) read labels through one function
+    from flatprior.errors import FlatpriorError
+    from flatprior.prior._validate import as_kernel_and_signs, label_signs
+
+    K = np.eye(3)
+    try:
+        _, one = as_kernel_and_signs(K, y)
+    except FlatpriorError as exc:
+        assert "labels y must be in {-1, +1} or {0, 1}" in str(exc)
+        with pytest.raises(FlatpriorError, match=r"row 1 has values"):
+            label_signs(np.array([[1, 1, 1], y]), 3)
+        return
+    np.testing.assert_array_equal(label_signs(np.array([y, y]), 3), [one, one])
+    assert set(one.tolist()) <= {-1.0, 1.0}

@@ -66,22 +66,48 @@ def as_kernel_and_signs(K, y, *, sym_tol: float = 1e-8) -> tuple[np.ndarray, np.
     y = y.reshape(-1) if y.ndim == 2 and 1 in y.shape else y
     if y.ndim != 1:
         raise FlatpriorError(f"labels y must be a vector [n], got shape {y.shape}")
-    if y.shape[0] != K.shape[0]:
+    return K, label_signs(y[None, :], K.shape[0], one=True)[0]
+
+
+def label_signs(labels, n: int, *, one: bool = False) -> np.ndarray:
+    """Validate ``F`` label vectors ``[F, n]``; return float64 signs in ``{±1}`` ``[F, n]``.
+
+    Every estimator reads labels this way, row by row: ``{±1}`` as is, ``{0, 1}`` with
+    ``0 -> -1`` (a row of ones is ``+1`` either way).
+
+    Args:
+        labels: ``[F, n]`` array-like or tensor, ``F >= 1``.
+        n: the kernel's size.
+        one: the caller validates one vector ``y`` (messages say ``y``, not rows).
+
+    Raises:
+        FlatpriorError: not ``[F, n]`` with ``F >= 1``, a wrong ``n``, non-numeric labels, or
+            a row outside ``{±1}`` / ``{0, 1}``.
+    """
+    y = labels.detach().cpu().numpy() if hasattr(labels, "detach") else np.asarray(labels)
+    name = "labels y" if one else "labels"
+    if y.ndim != 2 or y.shape[0] == 0:
         raise FlatpriorError(
-            f"labels y have length {y.shape[0]} but K is {K.shape[0]}x{K.shape[0]}; "
-            "give one label per kernel row"
+            f"labels must be [F, n] (one label vector per row, F >= 1), got shape {y.shape}"
+        )
+    if y.shape[1] != n:
+        raise FlatpriorError(
+            f"{name} have length {y.shape[1]} but K is {n}x{n}; give one label per kernel row"
         )
     try:
         yf = y.astype(np.float64)
     except (TypeError, ValueError):
-        raise FlatpriorError(f"labels y must be numeric, got dtype {y.dtype}") from None
-    values = set(np.unique(yf).tolist())
-    if values <= {-1.0, 1.0}:
-        return K, yf
-    if values <= {0.0, 1.0}:
-        return K, 2.0 * yf - 1.0
-    bad = sorted(values - {-1.0, 0.0, 1.0})[:3]
-    raise FlatpriorError(f"labels y must be in {{-1, +1}} or {{0, 1}}, found values like {bad}")
+        raise FlatpriorError(f"{name} must be numeric, got dtype {y.dtype}") from None
+    neg, zero = yf == -1.0, yf == 0.0
+    bad_rows = (~(neg | zero | (yf == 1.0))).any(axis=1) | (neg.any(axis=1) & zero.any(axis=1))
+    if bad_rows.any():
+        row = int(np.flatnonzero(bad_rows)[0])
+        vals = sorted(set(np.unique(yf[row]).tolist()))[:4]
+        where = "" if one else f" per row; row {row} has"
+        raise FlatpriorError(
+            f"{name} must be in {{-1, +1}} or {{0, 1}}{where or ', found'} values {vals}"
+        )
+    return np.where(zero.any(axis=1, keepdims=True), 2.0 * yf - 1.0, yf)
 
 
 def check_psd(K: np.ndarray, *, rtol: float = PSD_RTOL) -> None:

@@ -38,7 +38,7 @@ import numpy as np
 
 from flatprior.errors import FlatpriorError
 from flatprior.prior._threads import blas_threads
-from flatprior.prior._validate import as_kernel, check_psd
+from flatprior.prior._validate import as_kernel, check_psd, label_signs
 from flatprior.prior.ep import (
     _ANDERSON_START,
     _SAME_POINT,
@@ -58,42 +58,7 @@ from flatprior.prior.ep import (
 )
 from flatprior.prior.likelihoods import GaussianCDFLikelihood, make_likelihood
 
-__all__ = ["label_matrix_signs", "log_prior_ep_batch"]
-
-
-def label_matrix_signs(labels, n: int) -> np.ndarray:
-    """Validate ``F`` label vectors ``[F, n]``; return float64 signs in ``{±1}``.
-
-    Each row is read as :func:`flatprior.prior._validate.as_kernel_and_signs` reads one ``y``:
-    ``{±1}`` as is, ``{0, 1}`` with ``0 -> -1`` (a row of ones is ``+1`` either way).
-
-    Raises:
-        FlatpriorError: not a 2-D ``[F, n]`` array with ``F >= 1``, a wrong ``n``, non-numeric
-            labels, or a row outside ``{±1}`` / ``{0, 1}``.
-    """
-    y = labels.detach().cpu().numpy() if hasattr(labels, "detach") else np.asarray(labels)
-    if y.ndim != 2 or y.shape[0] == 0:
-        raise FlatpriorError(
-            f"labels must be [F, n] (one label vector per row, F >= 1), got shape {y.shape}"
-        )
-    if y.shape[1] != n:
-        raise FlatpriorError(
-            f"label vectors have length {y.shape[1]} but K is {n}x{n}; give one label per "
-            "kernel row"
-        )
-    try:
-        yf = y.astype(np.float64)
-    except (TypeError, ValueError):
-        raise FlatpriorError(f"labels must be numeric, got dtype {y.dtype}") from None
-    neg, zero = yf == -1.0, yf == 0.0
-    bad = ~(neg | zero | (yf == 1.0))
-    if bad.any() or (neg.any(axis=1) & zero.any(axis=1)).any():
-        row = int(np.flatnonzero(bad.any(axis=1) | (neg.any(axis=1) & zero.any(axis=1)))[0])
-        vals = sorted(set(np.unique(yf[row]).tolist()))[:4]
-        raise FlatpriorError(
-            f"labels must be in {{-1, +1}} or {{0, 1}} per row; row {row} has values {vals}"
-        )
-    return np.where(zero.any(axis=1, keepdims=True), 2.0 * yf - 1.0, yf)
+__all__ = ["log_prior_ep_batch"]
 
 
 class _Batch:
@@ -379,7 +344,7 @@ def log_prior_ep_batch(
     """
     K0 = K
     K = as_kernel(K)  # private float64 copy
-    Y = label_matrix_signs(labels, K.shape[0])
+    Y = label_signs(labels, K.shape[0])
     check_psd(K)
     _check_options(likelihood, tol, tol_log_prob, max_iter, damping, jitter, max_jitter,
                    warm_start, warm_rank, anderson)
