@@ -37,12 +37,19 @@ from torch import Tensor, nn
 from flatprior.errors import FlatpriorError, check_positive
 from flatprior.flatness._common import batches, check_int
 from flatprior.models.stacked import (
+    FcnBceHessian,
     check_same_architecture,
     fcn_bce_and_grads,
     fcn_forward,
     stack_parameters,
     stacked_forward,
 )
+
+#: cut a stack (Lanczos, SGD ascent) to its running members once this fraction of it has
+#: finished: a cut copies the running part once, and every later iteration skips the finished
+#: members' HVPs, re-orthogonalisation or ascent steps (the bulk of the work: Boolean members
+#: converge after 9 to 21 Lanczos iterations, 34 to 100 ascent epochs)
+_COMPACT_FRACTION = 0.125
 
 
 @dataclass
@@ -416,8 +423,8 @@ def _lbfgsb_member_by_member(models, inputs, targets, eps, maxiter, eval_bs
                             [q.base_loss for q in res], [q.n_steps for q in res])
 
 
-def _stalled(m: int, cur: list[float], best: list[float], base: list[float], stalled: list[int],
-             tol: float) -> None:
+def _stalled(m: int, cur: list[float] | dict[int, float], best: list[float], base: list[float],
+             stalled: list[int], tol: float) -> None:
     """Member ``m``'s running maximum and stall count after an epoch (as ``keskar_sharpness``)."""
     gain = cur[m] - best[m]
     if gain > 0:
@@ -457,35 +464,105 @@ def _ascent_whole_set(st: _Stack, r: Tensor, lr: float, epochs: int, patience: i
     128). The step's loss is the mean over the rows in their stored order rather than the
     epoch's shuffled order: the same gradient up to float64 rounding of the row sum (the
     shuffle of a one-batch epoch changes nothing else). The evaluation is :func:`_full_loss`'s
-    arithmetic on the same row losses.
+    arithmetic on the same row losses. Members stop after different numbers of epochs (Boolean
+    paper preset: 34 to 100); once :data:`_COMPACT_FRACTION` of the stack has stopped, the
+    stack is cut to the members still running (their numbers do not change: tested).
 
     Returns:
         Each member's maximum full-set loss and its number of epochs.
     """
     M = st.w0.shape[0]
+    best, stalled, steps = list(base), [0] * M, [0] * M
+    alive = list(range(M))  # the stacked members (original numbers)
+    running = torch.ones(M, dtype=torch.bool)  # per stacked member
     n = st.lens.to(st.w0.dtype)
     lens = st.lens.tolist()
-    best, stalled, steps = list(base), [0] * M, [0] * M
-    running = torch.ones(M, dtype=torch.bool)
     z = torch.zeros_like(st.w0)
+    neg_r = -r
     rows, g = _rows_and_grad(st, z, n)
     for epoch in range(1, epochs + 1):
-        act = running.nonzero().flatten().tolist()
         with torch.no_grad():
-            z = torch.where(running[:, None], torch.clamp(z + lr * g, -r, r), z)
+            step = torch.clamp(z + lr * g, neg_r, r)
+            z = step if len(alive) == int(running.sum()) else torch.where(
+                running[:, None], step, z)
         rows, g = _rows_and_grad(st, z, n)
         means = (rows.sum(1) / n).tolist()
-        cur = [lb * k / k for lb, k in zip(means, lens, strict=True)]
-        if not all(math.isfinite(cur[m]) for m in act):
+        cur = dict(zip(alive, (lb * k / k for lb, k in zip(means, lens, strict=True)),
+                       strict=True))
+        act = [j for j in range(len(alive)) if running[j]]
+        if not all(math.isfinite(cur[alive[j]]) for j in act):
             raise FlatpriorError("a member's loss is NaN/inf inside the sharpness box")
-        for m in act:
+        for j in act:
+            m = alive[j]
             steps[m] = epoch
             _stalled(m, cur, best, base, stalled, tol)
             if stalled[m] >= patience:
-                running[m] = False
-        if not bool(running.any()):
+                running[j] = False
+        n_run = int(running.sum())
+        if not n_run:
             break
+        if len(alive) - n_run >= _COMPACT_FRACTION * len(alive):
+            keep = running.nonzero().flatten()
+            st = st.subset(keep.tolist())
+            alive = [alive[j] for j in keep.tolist()]
+            running, n, lens = running[keep], n[keep], [lens[j] for j in keep.tolist()]
+            z, g, r, neg_r = z[keep], g[keep], r[keep], neg_r[keep]
     return best, steps
+
+
+class _HessianOperator:
+    """Hessian-vector products of every stacked member's mean loss over its whole set at ``w0``.
+
+    ``H v`` of ``sum_m mean_m(loss)`` (each member's own Hessian block), evaluation batches of
+    ``batch_size`` rows weighted ``n_b / N``. FCNs (the ``bmm`` forward): the written-out
+    :class:`flatprior.models.stacked.FcnBceHessian` (no autograd graph); other models: double
+    backward through the graph of the summed gradients.
+    """
+
+    def __init__(self, st: _Stack, batch_size: int | None):
+        self.st, self.batch_size = st, batch_size
+        n = st.lens.to(st.w0.dtype)
+        slices = batches(st.x.shape[1], batch_size)
+        if st.forward is fcn_forward:
+            # what autograd sends back to the rows of (rows.sum(1) / n).sum(): 1 / n_m, masked
+            row_grad = (torch.ones_like(n) / n)[:, None].expand_as(st.y).masked_fill(
+                ~st.mask, 0.0)
+            ps = st.params(st.w0)
+            self.parts = [FcnBceHessian(ps, st.x[:, sl], st.y[:, sl], row_grad[:, sl])
+                          for sl in slices]
+            return
+        self.parts = None
+        self.theta = st.w0.clone().requires_grad_(True)
+        self.grads = []
+        with torch.enable_grad():
+            for sl in slices:
+                rows = st.row_losses(self.theta, st.x[:, sl], st.y[:, sl]).masked_fill(
+                    ~st.mask[:, sl], 0)
+                loss = (rows.sum(1) / n).sum()  # batch b contributes n_b/N of its mean
+                (g,) = torch.autograd.grad(loss, self.theta, create_graph=True)
+                self.grads.append(g)
+
+    def __call__(self, v: Tensor) -> Tensor:
+        """``H v`` for flat directions ``v [M, p]``."""
+        out = torch.zeros_like(v)
+        if self.parts is not None:
+            pieces = self.st.params(v)
+            for part in self.parts:
+                out += torch.cat([h.reshape(v.shape[0], -1) for h in part(pieces)], dim=1)
+            return out
+        for g in self.grads:
+            (h,) = torch.autograd.grad(g, self.theta, grad_outputs=v, retain_graph=True)
+            out += h
+        return out.detach()
+
+    def subset(self, idx: Tensor) -> _HessianOperator:
+        """The operator of the stacked members ``idx`` only (their products unchanged)."""
+        if self.parts is None:  # a new graph on the members kept
+            return _HessianOperator(self.st.subset(idx.tolist()), self.batch_size)
+        out = object.__new__(_HessianOperator)
+        out.st, out.batch_size = self.st.subset(idx.tolist()), self.batch_size
+        out.parts = [part.subset(idx) for part in self.parts]
+        return out
 
 
 def batched_hessian_spectral_norm(
@@ -507,8 +584,11 @@ def batched_hessian_spectral_norm(
     alpha_j q_j - beta_{j-1} q_{j-1}`` re-orthogonalised twice against all ``q``,
     ``T_k = tridiag(beta, alpha, beta)``; the Ritz value ``theta`` of largest magnitude is
     accepted when ``beta_k |s_k| <= tol |theta|`` (``s`` its eigenvector of ``T_k``), or exactly
-    when ``beta_k`` vanishes. HVPs: double backward of the summed mean losses (each member's
-    Hessian block; minibatches of ``batch_size`` weighted ``n_b / N``).
+    when ``beta_k`` vanishes. HVPs: :class:`_HessianOperator` (minibatches of ``batch_size``
+    weighted ``n_b / N``). Members converge after different numbers of iterations (Boolean
+    paper preset: 9 to 21); once :data:`_COMPACT_FRACTION` of the stack has converged, the
+    stack is cut to the members still running (each member's iterations are its own, so its
+    value does not change: tested bit for bit).
 
     Returns:
         float64 ``[M]``.
@@ -517,23 +597,7 @@ def batched_hessian_spectral_norm(
     max_iter = check_int("max_iter", max_iter)
     st = _stack(models, inputs, targets, dtype, backend)
     M, p = st.w0.shape
-    n = st.lens.to(st.w0.dtype)
-    theta = st.w0.clone().requires_grad_(True)
-    grads = []
-    with torch.enable_grad():
-        for sl in batches(st.x.shape[1], batch_size):
-            rows = st.row_losses(theta, st.x[:, sl], st.y[:, sl]).masked_fill(~st.mask[:, sl], 0)
-            loss = (rows.sum(1) / n).sum()  # batch b contributes n_b/N of its mean
-            (g,) = torch.autograd.grad(loss, theta, create_graph=True)
-            grads.append(g)
-
-    def hvp(v: Tensor) -> Tensor:
-        out = torch.zeros_like(v)
-        for g in grads:
-            (h,) = torch.autograd.grad(g, theta, grad_outputs=v, retain_graph=True)
-            out += h
-        return out.detach()
-
+    op = _HessianOperator(st, batch_size)
     seeds = [seeds] * M if isinstance(seeds, int) else [int(s) for s in seeds]
     q = torch.stack([torch.randn(p, generator=torch.Generator().manual_seed(s),
                                  dtype=torch.float64) for s in seeds]).to(st.w0.dtype)
@@ -542,12 +606,14 @@ def batched_hessian_spectral_norm(
     # iteration made the basis O(k^2) memory traffic: 10 s of 15 on 250 untrained nets)
     Q = torch.empty(M, min(16, max_iter, p), p, dtype=q.dtype)
     Q[:, 0] = q
-    alphas, betas = [], []
+    alphas: list[Tensor] = []
+    betas: list[Tensor] = []
     result = torch.full((M,), float("nan"), dtype=torch.float64)
-    done = torch.zeros(M, dtype=torch.bool)
+    alive = torch.arange(M)  # the stacked members (original numbers)
+    done = torch.zeros(M, dtype=torch.bool)  # per stacked member
     k_max = min(max_iter, p)
     for k in range(1, k_max + 1):
-        w = hvp(Q[:, k - 1])
+        w = op(Q[:, k - 1])
         a = (w * Q[:, k - 1]).sum(1)
         w = w - a[:, None] * Q[:, k - 1]
         if betas:
@@ -564,15 +630,25 @@ def batched_hessian_spectral_norm(
         evals, evecs = torch.linalg.eigh(T.double())
         j = evals.abs().argmax(1)
         th = evals.gather(1, j[:, None]).squeeze(1)
-        s_last = evecs[torch.arange(M), -1, j]
+        s_last = evecs[torch.arange(len(alive)), -1, j]
         resid = b.double() * s_last.abs()
         ok = (resid <= tol * th.abs()) | (b <= 1e-14 * th.abs().clamp(min=1e-300)) | (k == p)
         new = ok & ~done
-        result[new] = th[new].abs()
+        result[alive[new]] = th[new].abs()
         done |= ok
         if bool(done.all()) or k == k_max:
             break
         betas.append(b)
+        n_done = int(done.sum())
+        if n_done and n_done >= _COMPACT_FRACTION * len(alive):
+            keep = (~done).nonzero().flatten()
+            op = op.subset(keep)
+            alive, done, w, b = alive[keep], done[keep], w[keep], b[keep]
+            alphas = [t[keep] for t in alphas]
+            betas = [t[keep] for t in betas]
+            Q_old, Q = Q, torch.empty(len(keep), Q.shape[1], p, dtype=Q.dtype)
+            Q[:, :k] = Q_old[keep, :k]
+            del Q_old
         if k == Q.shape[1]:
             Q = torch.cat([Q, torch.empty_like(Q)[:, : min(Q.shape[1], k_max - k)]], dim=1)
         Q[:, k] = w / b.clamp(min=1e-300)[:, None]
