@@ -82,6 +82,21 @@ class _Stack:
         return [c.reshape(m, *s) for c, s in
                 zip(torch.split(theta, self.numels, dim=1), self.shapes, strict=True)]
 
+    def flatten(self, pieces: Sequence[Tensor], out: Tensor | None = None) -> Tensor:
+        """Stacked pieces ``[M, *shape]`` -> flat ``[M, p]`` (the inverse of :meth:`params`).
+
+        Each piece is copied once into its columns of ``out`` (new if ``None``), whatever its
+        strides (a transposed weight gradient would be copied twice by reshape + cat).
+        """
+        m = pieces[0].shape[0]
+        if out is None:
+            out = torch.empty(m, sum(self.numels), dtype=pieces[0].dtype)
+        start = 0
+        for q, k in zip(pieces, self.numels, strict=True):
+            out[:, start : start + k].view(q.shape).copy_(q)
+            start += k
+        return out
+
     def row_losses(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """Per-example BCE-with-logits ``[M, B]`` of each member on its rows."""
         logits = self.forward(self.params(theta), x)
@@ -432,22 +447,24 @@ def _stalled(m: int, cur: list[float] | dict[int, float], best: list[float], bas
     stalled[m] = stalled[m] + 1 if gain <= tol * max(best[m] - base[m], 0.0) else 0
 
 
-def _rows_and_grad(st: _Stack, z: Tensor, n: Tensor, sl: slice = slice(None)
-                   ) -> tuple[Tensor, Tensor]:
+def _rows_and_grad(st: _Stack, z: Tensor, n: Tensor, sl: slice = slice(None),
+                   bufs: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Masked row losses at ``w0 + z`` (rows ``sl``) and the gradient of their summed means.
 
     ``d/dz sum_m (sum_{rows in sl} masked loss) / n_m``; for FCNs (the ``bmm`` forward) by
     :func:`flatprior.models.stacked.fcn_bce_and_grads`, autograd's own formulas without the
-    engine (the same bits), else by autograd.
+    engine (the same bits), else by autograd. ``bufs``: two ``[M, p]`` tensors the FCN path
+    writes ``w0 + z`` and the gradient into (the gradient is returned in the second): a loop
+    reusing them skips two fresh ``[M, p]`` allocations (page faults) per step.
     """
     x, y, mask = st.x[:, sl], st.y[:, sl], st.mask[:, sl]
     if st.forward is fcn_forward:
         # what autograd sends back to the rows: 1 / n_m, masked like the rows
         row_grad = (torch.ones_like(n) / n)[:, None].expand_as(y).masked_fill(~mask, 0.0)
+        theta = st.w0 + z if bufs is None else torch.add(st.w0, z, out=bufs[0])
         with torch.no_grad():
-            rows, grads = fcn_bce_and_grads(st.params(st.w0 + z), x, y, row_grad)
-        return (rows.masked_fill(~mask, 0.0),
-                torch.cat([q.reshape(z.shape[0], -1) for q in grads], dim=1))
+            rows, grads = fcn_bce_and_grads(st.params(theta), x, y, row_grad)
+        return rows.masked_fill(~mask, 0.0), st.flatten(grads, None if bufs is None else bufs[1])
     zz = z.detach().requires_grad_(True)
     rows = st.row_losses(st.w0 + zz, x, y).masked_fill(~mask, 0.0)
     (g,) = torch.autograd.grad((rows.sum(1) / n).sum(), zz)
@@ -479,13 +496,19 @@ def _ascent_whole_set(st: _Stack, r: Tensor, lr: float, epochs: int, patience: i
     lens = st.lens.tolist()
     z = torch.zeros_like(st.w0)
     neg_r = -r
-    rows, g = _rows_and_grad(st, z, n)
+    # scratch for w0 + z, the gradient and the next z, reused every epoch (fresh [M, p]
+    # tensors cost page faults: as much as the arithmetic here)
+    bufs = (torch.empty_like(z), torch.empty_like(z))
+    step = torch.empty_like(z)
+    rows, g = _rows_and_grad(st, z, n, bufs=bufs)
     for epoch in range(1, epochs + 1):
-        with torch.no_grad():
-            step = torch.clamp(z + lr * g, neg_r, r)
-            z = step if len(alive) == int(running.sum()) else torch.where(
-                running[:, None], step, z)
-        rows, g = _rows_and_grad(st, z, n)
+        with torch.no_grad():  # z <- clamp(z + lr g, -r, r), as lr * g + z (the same bits)
+            torch.mul(g, lr, out=step).add_(z).clamp_(neg_r, r)
+            if len(alive) == int(running.sum()):
+                z, step = step, z
+            else:
+                torch.where(running[:, None], step, z, out=z)
+        rows, g = _rows_and_grad(st, z, n, bufs=bufs)
         means = (rows.sum(1) / n).tolist()
         cur = dict(zip(alive, (lb * k / k for lb, k in zip(means, lens, strict=True)),
                        strict=True))
@@ -507,6 +530,8 @@ def _ascent_whole_set(st: _Stack, r: Tensor, lr: float, epochs: int, patience: i
             alive = [alive[j] for j in keep.tolist()]
             running, n, lens = running[keep], n[keep], [lens[j] for j in keep.tolist()]
             z, g, r, neg_r = z[keep], g[keep], r[keep], neg_r[keep]
+            bufs = (torch.empty_like(z), torch.empty_like(z))
+            step = torch.empty_like(z)
     return best, steps
 
 
@@ -548,7 +573,7 @@ class _HessianOperator:
         if self.parts is not None:
             pieces = self.st.params(v)
             for part in self.parts:
-                out += torch.cat([h.reshape(v.shape[0], -1) for h in part(pieces)], dim=1)
+                out += self.st.flatten(part(pieces))
             return out
         for g in self.grads:
             (h,) = torch.autograd.grad(g, self.theta, grad_outputs=v, retain_graph=True)
