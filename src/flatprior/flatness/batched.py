@@ -637,15 +637,17 @@ def batched_hessian_spectral_norm(
     alive = torch.arange(M)  # the stacked members (original numbers)
     done = torch.zeros(M, dtype=torch.bool)  # per stacked member
     k_max = min(max_iter, p)
+    tmp = torch.empty(M, p, dtype=Q.dtype)  # scratch: a fresh [M, p] costs page faults
     for k in range(1, k_max + 1):
-        w = op(Q[:, k - 1])
-        a = (w * Q[:, k - 1]).sum(1)
-        w = w - a[:, None] * Q[:, k - 1]
+        w = op(Q[:, k - 1])  # a new tensor: updated in place below (the same arithmetic)
+        a = torch.mul(w, Q[:, k - 1], out=tmp).sum(1)
+        w.sub_(torch.mul(Q[:, k - 1], a[:, None], out=tmp))
         if betas:
-            w = w - betas[-1][:, None] * Q[:, k - 2]
+            w.sub_(torch.mul(Q[:, k - 2], betas[-1][:, None], out=tmp))
         Qs = Q[:, :k]  # [M, k, p]
         for _ in range(2):  # w -= Q (Q^T w), twice
-            w = w - torch.bmm(torch.bmm(Qs, w[:, :, None]).transpose(1, 2), Qs)[:, 0]
+            c = torch.bmm(Qs, w[:, :, None]).transpose(1, 2)
+            w.sub_(torch.bmm(c, Qs, out=tmp.view(-1, 1, p)).view(-1, p))
         b = w.norm(dim=1)
         alphas.append(a)
         T = torch.diag_embed(torch.stack(alphas, 1))
@@ -674,9 +676,10 @@ def batched_hessian_spectral_norm(
             Q_old, Q = Q, torch.empty(len(keep), Q.shape[1], p, dtype=Q.dtype)
             Q[:, :k] = Q_old[keep, :k]
             del Q_old
+            tmp = torch.empty(len(keep), p, dtype=Q.dtype)
         if k == Q.shape[1]:
             Q = torch.cat([Q, torch.empty_like(Q)[:, : min(Q.shape[1], k_max - k)]], dim=1)
-        Q[:, k] = w / b.clamp(min=1e-300)[:, None]
+        torch.div(w, b.clamp(min=1e-300)[:, None], out=Q[:, k])
     if not bool(done.all()):
         raise FlatpriorError(
             f"Lanczos did not converge within {k_max} iterations for {int((~done).sum())} "
