@@ -53,29 +53,45 @@ def resolve_backend(model: nn.Module, backend: str) -> str:
     return backend
 
 
-def check_same_architecture(models: Sequence[nn.Module]) -> None:
-    """Raise :class:`FlatpriorError` unless all ``models`` share one type and parameter layout."""
-    sig = [(n, p.shape, p.dtype) for n, p in models[0].named_parameters()]
+def _parameter_lists(models: Sequence[nn.Module]) -> list[list[Tensor]]:
+    """Each model's parameters in ``named_parameters`` order (one walk of each model).
+
+    Raises:
+        FlatpriorError: the models do not share one type and parameter layout.
+    """
+    out = []
+    sig = None
     for i, mod in enumerate(models):
-        if type(mod) is not type(models[0]) or [
-            (n, p.shape, p.dtype) for n, p in mod.named_parameters()
-        ] != sig:
+        named = list(mod.named_parameters())
+        this = [(n, p.shape, p.dtype) for n, p in named]
+        if sig is None:
+            sig = this
+        elif type(mod) is not type(models[0]) or this != sig:
             raise FlatpriorError(
                 f"model {i} has another architecture than model 0; an ensemble needs one "
                 "architecture (group runs by model/hidden/width)"
             )
+        out.append([p for _, p in named])
+    return out
+
+
+def check_same_architecture(models: Sequence[nn.Module]) -> None:
+    """Raise :class:`FlatpriorError` unless all ``models`` share one type and parameter layout."""
+    _parameter_lists(models)
 
 
 def stack_parameters(models: Sequence[nn.Module], dtype: torch.dtype | None = None) -> list[Tensor]:
-    """``[M, *shape]`` copies of every parameter, in ``named_parameters`` order."""
-    names = [n for n, _ in models[0].named_parameters()]
-    # one named_parameters() walk per model (a walk per parameter and model cost ~0.2 ms per
-    # member of a Boolean ensemble)
-    per_model = [dict(m.named_parameters()) for m in models]
+    """``[M, *shape]`` copies of every parameter, in ``named_parameters`` order.
+
+    Raises:
+        FlatpriorError: the models do not share one architecture (as
+            :func:`check_same_architecture`, in the same walk over each model).
+    """
+    per_model = _parameter_lists(models)
     out = []
-    for n in names:
-        t = torch.stack([d[n].detach() for d in per_model])
-        out.append(t.to(dtype) if dtype is not None else t.clone())
+    for j in range(len(per_model[0])):
+        t = torch.stack([ps[j].detach() for ps in per_model])  # a new tensor
+        out.append(t.to(dtype) if dtype is not None else t)
     return out
 
 
