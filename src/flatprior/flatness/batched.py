@@ -449,28 +449,46 @@ def _stalled(m: int, cur: list[float] | dict[int, float], best: list[float], bas
     stalled[m] = stalled[m] + 1 if gain <= tol * max(best[m] - base[m], 0.0) else 0
 
 
-def _rows_and_grad(st: _Stack, z: Tensor, n: Tensor, sl: slice = slice(None),
-                   bufs: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+def _rows_and_grad(st: _Stack, z: Tensor, n: Tensor, sl: slice = slice(None)
+                   ) -> tuple[Tensor, Tensor]:
     """Masked row losses at ``w0 + z`` (rows ``sl``) and the gradient of their summed means.
 
     ``d/dz sum_m (sum_{rows in sl} masked loss) / n_m``; for FCNs (the ``bmm`` forward) by
     :func:`flatprior.models.stacked.fcn_bce_and_grads`, autograd's own formulas without the
-    engine (the same bits), else by autograd. ``bufs``: two ``[M, p]`` tensors the FCN path
-    writes ``w0 + z`` and the gradient into (the gradient is returned in the second): a loop
-    reusing them skips two fresh ``[M, p]`` allocations (page faults) per step.
+    engine (the same bits), else by autograd.
     """
     x, y, mask = st.x[:, sl], st.y[:, sl], st.mask[:, sl]
     if st.forward is fcn_forward:
-        # what autograd sends back to the rows: 1 / n_m, masked like the rows
-        row_grad = (torch.ones_like(n) / n)[:, None].expand_as(y).masked_fill(~mask, 0.0)
-        theta = st.w0 + z if bufs is None else torch.add(st.w0, z, out=bufs[0])
         with torch.no_grad():
-            rows, grads = fcn_bce_and_grads(st.params(theta), x, y, row_grad)
-        return rows.masked_fill(~mask, 0.0), st.flatten(grads, None if bufs is None else bufs[1])
+            rows, grads = fcn_bce_and_grads(st.params(st.w0 + z), x, y, _row_grad(n, mask))
+        return rows.masked_fill(~mask, 0.0), st.flatten(grads)
     zz = z.detach().requires_grad_(True)
     rows = st.row_losses(st.w0 + zz, x, y).masked_fill(~mask, 0.0)
     (g,) = torch.autograd.grad((rows.sum(1) / n).sum(), zz)
     return rows.detach(), g
+
+
+def _row_grad(n: Tensor, mask: Tensor) -> Tensor:
+    """What autograd sends back to the rows of ``(rows.sum(1) / n).sum()``: ``1 / n_m``, masked."""
+    return (torch.ones_like(n) / n)[:, None].expand(mask.shape).masked_fill(~mask, 0.0)
+
+
+def _rows_and_grad_pieces(st: _Stack, zs: list[Tensor], n: Tensor, thetas: list[Tensor]
+                          ) -> tuple[Tensor, list[Tensor]]:
+    """:func:`_rows_and_grad` on all rows with ``z`` and the gradient as lists of pieces.
+
+    FCNs: one piece per parameter tensor (``[M, *shape]``), so the written-out gradient is used
+    as it comes (no copy into the flat layout); ``w0 + z`` is written into ``thetas``. Other
+    models: one flat piece.
+    """
+    if st.forward is not fcn_forward:
+        rows, g = _rows_and_grad(st, zs[0], n)
+        return rows, [g]
+    for w, z, t in zip(st.params(st.w0), zs, thetas, strict=True):
+        torch.add(w, z, out=t)
+    with torch.no_grad():
+        rows, grads = fcn_bce_and_grads(thetas, st.x, st.y, _row_grad(n, st.mask))
+    return rows.masked_fill(~st.mask, 0.0), grads
 
 
 def _ascent_whole_set(st: _Stack, r: Tensor, lr: float, epochs: int, patience: int, tol: float,
@@ -485,7 +503,9 @@ def _ascent_whole_set(st: _Stack, r: Tensor, lr: float, epochs: int, patience: i
     shuffle of a one-batch epoch changes nothing else). The evaluation is :func:`_full_loss`'s
     arithmetic on the same row losses. Members stop after different numbers of epochs (Boolean
     paper preset: 34 to 100); once :data:`_COMPACT_FRACTION` of the stack has stopped, the
-    stack is cut to the members still running (their numbers do not change: tested).
+    stack is cut to the members still running (their numbers do not change: tested). The
+    perturbation is kept as pieces (:func:`_rows_and_grad_pieces`) in buffers reused every
+    epoch (a fresh ``[M, p]`` tensor costs page faults: as much as the arithmetic here).
 
     Returns:
         Each member's maximum full-set loss and its number of epochs.
@@ -496,25 +516,26 @@ def _ascent_whole_set(st: _Stack, r: Tensor, lr: float, epochs: int, patience: i
     running = torch.ones(M, dtype=torch.bool)  # per stacked member
     n = st.lens.to(st.w0.dtype)
     lens = st.lens.tolist()
-    z = torch.zeros_like(st.w0)
-    neg_r = -r
-    # scratch for w0 + z, the gradient and the next z, reused every epoch (fresh [M, p]
-    # tensors cost page faults: as much as the arithmetic here)
-    bufs = (torch.empty_like(z), torch.empty_like(z))
-    step = torch.empty_like(z)
-    rows, g = _rows_and_grad(st, z, n, bufs=bufs)
+    rs = [q.contiguous() for q in st.params(r)] if st.forward is fcn_forward else [r]
+    neg_rs = [-q for q in rs]
+    zs = [torch.zeros_like(q) for q in rs]
+    steps_buf = [torch.empty_like(q) for q in rs]
+    thetas = [torch.empty_like(q) for q in rs]
+    rows, gs = _rows_and_grad_pieces(st, zs, n, thetas)
     for epoch in range(1, epochs + 1):
         with torch.no_grad():  # z <- clamp(z + lr g, -r, r), as lr * g + z (the same bits)
-            torch.mul(g, lr, out=step).add_(z).clamp_(neg_r, r)
+            for g, z, nr, rr, sb in zip(gs, zs, neg_rs, rs, steps_buf, strict=True):
+                torch.mul(g, lr, out=sb).add_(z).clamp_(nr, rr)
             if len(alive) == int(running.sum()):
-                z, step = step, z
+                zs, steps_buf = steps_buf, zs
             else:
-                torch.where(running[:, None], step, z, out=z)
-        rows, g = _rows_and_grad(st, z, n, bufs=bufs)
+                for z, sb in zip(zs, steps_buf, strict=True):
+                    torch.where(running.reshape(-1, *[1] * (z.dim() - 1)), sb, z, out=z)
+        rows, gs = _rows_and_grad_pieces(st, zs, n, thetas)
         means = (rows.sum(1) / n).tolist()
         cur = dict(zip(alive, (lb * k / k for lb, k in zip(means, lens, strict=True)),
                        strict=True))
-        act = [j for j in range(len(alive)) if running[j]]
+        act = [j for j, on in enumerate(running.tolist()) if on]
         if not all(math.isfinite(cur[alive[j]]) for j in act):
             raise FlatpriorError("a member's loss is NaN/inf inside the sharpness box")
         for j in act:
@@ -531,9 +552,9 @@ def _ascent_whole_set(st: _Stack, r: Tensor, lr: float, epochs: int, patience: i
             st = st.subset(keep.tolist())
             alive = [alive[j] for j in keep.tolist()]
             running, n, lens = running[keep], n[keep], [lens[j] for j in keep.tolist()]
-            z, g, r, neg_r = z[keep], g[keep], r[keep], neg_r[keep]
-            bufs = (torch.empty_like(z), torch.empty_like(z))
-            step = torch.empty_like(z)
+            zs, gs, rs, neg_rs = ([q[keep] for q in qs] for qs in (zs, gs, rs, neg_rs))
+            steps_buf = [torch.empty_like(q) for q in rs]
+            thetas = [torch.empty_like(q) for q in rs]
     return best, steps
 
 
@@ -551,9 +572,7 @@ class _HessianOperator:
         n = st.lens.to(st.w0.dtype)
         slices = batches(st.x.shape[1], batch_size)
         if st.forward is fcn_forward:
-            # what autograd sends back to the rows of (rows.sum(1) / n).sum(): 1 / n_m, masked
-            row_grad = (torch.ones_like(n) / n)[:, None].expand_as(st.y).masked_fill(
-                ~st.mask, 0.0)
+            row_grad = _row_grad(n, st.mask)
             ps = st.params(st.w0)
             self.parts = [FcnBceHessian(ps, st.x[:, sl], st.y[:, sl], row_grad[:, sl])
                           for sl in slices]
