@@ -51,6 +51,20 @@ from flatprior.models.stacked import (
 _COMPACT_FRACTION = 0.125
 
 
+def _members_to_keep(going: Tensor) -> Tensor | None:
+    """Stack positions kept when a stack is cut to its running members ``going`` (bool ``[M]``).
+
+    At least two: torch's ``bmm`` on a batch of one takes another matmul kernel than on a
+    batch of two or more (other rounding; batches of 2 to 250 give the same bits), so a lone
+    running member keeps one finished member beside it (that one's results are already taken).
+    ``None`` when the cut would keep the whole stack.
+    """
+    keep = going.nonzero().flatten()
+    if len(keep) == 1:
+        keep = torch.cat([keep, (~going).nonzero().flatten()[:1]]).sort().values
+    return None if len(keep) == len(going) else keep
+
+
 @dataclass
 class _Stack:
     """Stacked members: flat parameters, padded data with a row mask, and the stacked forward.
@@ -547,8 +561,9 @@ def _ascent_whole_set(st: _Stack, r: Tensor, lr: float, epochs: int, patience: i
         n_run = int(running.sum())
         if not n_run:
             break
-        if len(alive) - n_run >= _COMPACT_FRACTION * len(alive):
-            keep = running.nonzero().flatten()
+        keep = (_members_to_keep(running)
+                if len(alive) - n_run >= _COMPACT_FRACTION * len(alive) else None)
+        if keep is not None:
             st = st.subset(keep.tolist())
             alive = [alive[j] for j in keep.tolist()]
             running, n, lens = running[keep], n[keep], [lens[j] for j in keep.tolist()]
@@ -688,8 +703,9 @@ def batched_hessian_spectral_norm(
             break
         betas.append(b)
         n_done = int(done.sum())
-        if n_done and n_done >= _COMPACT_FRACTION * len(alive):
-            keep = (~done).nonzero().flatten()
+        keep = (_members_to_keep(~done)
+                if n_done and n_done >= _COMPACT_FRACTION * len(alive) else None)
+        if keep is not None:
             op = op.subset(keep)
             alive, done, w, b = alive[keep], done[keep], w[keep], b[keep]
             alphas = [t[keep] for t in alphas]
