@@ -16,9 +16,13 @@ gradients and Hessian-vector products of the sum are, slice by slice, each membe
   (``setulb``, the very code ``scipy.optimize.minimize(method="L-BFGS-B")`` runs), with the
   members' loss and gradient requests answered by one batched forward/backward.
 - :func:`batched_hessian_spectral_norm`: ``max_i |lambda_i(H_m)|`` by Lanczos with full
-  re-orthogonalisation on batched double-backward HVPs, per member until the Ritz estimate
-  ``beta_k |s_k| <= tol |theta|`` (ARPACK's criterion). Hand-rolled because ARPACK/scipy
-  ``eigsh`` drives one operator at a time; here one batched HVP serves all M members.
+  re-orthogonalisation on batched HVPs (FCNs: written out, Pearlmutter's R-operator; other
+  models: double backward), per member until the Ritz estimate ``beta_k |s_k| <= tol |theta|``
+  (ARPACK's criterion). Hand-rolled because ARPACK/scipy ``eigsh`` drives one operator at a
+  time; here one batched HVP serves all M members.
+
+Members finish at different iterations (Lanczos) or epochs (ascent); the stacks are cut to the
+running members as they finish (:data:`_COMPACT_FRACTION`), which changes no member's bits.
 
 References: Keskar et al., ICLR 2017 (sharpness); Golub & Van Loan, Matrix Computations, 4th ed.,
 Sec. 10.1 (Lanczos).
