@@ -99,15 +99,13 @@ class _Stack:
         return [c.reshape(m, *s) for c, s in
                 zip(torch.split(theta, self.numels, dim=1), self.shapes, strict=True)]
 
-    def flatten(self, pieces: Sequence[Tensor], out: Tensor | None = None) -> Tensor:
+    def flatten(self, pieces: Sequence[Tensor]) -> Tensor:
         """Stacked pieces ``[M, *shape]`` -> flat ``[M, p]`` (the inverse of :meth:`params`).
 
-        Each piece is copied once into its columns of ``out`` (new if ``None``), whatever its
-        strides (a transposed weight gradient would be copied twice by reshape + cat).
+        Each piece is copied once into its columns, whatever its strides (a transposed weight
+        gradient would be copied twice by reshape + cat).
         """
-        m = pieces[0].shape[0]
-        if out is None:
-            out = torch.empty(m, sum(self.numels), dtype=pieces[0].dtype)
+        out = torch.empty(pieces[0].shape[0], sum(self.numels), dtype=pieces[0].dtype)
         start = 0
         for q, k in zip(pieces, self.numels, strict=True):
             out[:, start : start + k].view(q.shape).copy_(q)
@@ -523,7 +521,7 @@ def _ascent_whole_set(st: _Stack, r: Tensor, lr: float, epochs: int, patience: i
     paper preset: 34 to 100); once :data:`_COMPACT_FRACTION` of the stack has stopped, the
     stack is cut to the members still running (their numbers do not change: tested). The
     perturbation is kept as pieces (:func:`_rows_and_grad_pieces`) in buffers reused every
-    epoch (a fresh ``[M, p]`` tensor costs page faults: as much as the arithmetic here).
+    epoch (fresh ``[M, p]`` tensors cost page faults).
 
     Returns:
         Each member's maximum full-set loss and its number of epochs.
