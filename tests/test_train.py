@@ -153,3 +153,18 @@ def test_augmentation_only_changes_training_batches():
             for c in (padded[i, :, dy : dy + 8, dx : dx + 8] for dy in range(9) for dx in range(9))
         )
         assert found
+
+
+def test_predict_is_evaluates_predictions_and_keeps_the_mode():
+    from flatprior.train import predict
+
+    task = make_task("boolean", 64, 0, 64, 0)
+    model = make_model("fcn", (7,), hidden=(12, 8), seed=1)
+    x = torch.cat([task.x_train, task.x_test])
+    for training in (True, False):
+        model.train(training)
+        pred = predict(model, x, batch_size=48)  # three chunks
+        assert model.training is training
+        assert torch.equal(pred, evaluate(model, x, torch.zeros(len(x)), batch_size=48)[2])
+        assert 0 < float(pred.sum()) < len(x)  # both classes: the comparison means something
+    assert predict(model, x[:0]).shape == (0,)

@@ -16,9 +16,13 @@ gradients and Hessian-vector products of the sum are, slice by slice, each membe
   (``setulb``, the very code ``scipy.optimize.minimize(method="L-BFGS-B")`` runs), with the
   members' loss and gradient requests answered by one batched forward/backward.
 - :func:`batched_hessian_spectral_norm`: ``max_i |lambda_i(H_m)|`` by Lanczos with full
-  re-orthogonalisation on batched double-backward HVPs, per member until the Ritz estimate
-  ``beta_k |s_k| <= tol |theta|`` (ARPACK's criterion). Hand-rolled because ARPACK/scipy
-  ``eigsh`` drives one operator at a time; here one batched HVP serves all M members.
+  re-orthogonalisation on batched HVPs (FCNs: written out, Pearlmutter's R-operator; other
+  models: double backward), per member until the Ritz estimate ``beta_k |s_k| <= tol |theta|``
+  (ARPACK's criterion). Hand-rolled because ARPACK/scipy ``eigsh`` drives one operator at a
+  time; here one batched HVP serves all M members.
+
+Members finish at different iterations (Lanczos) or epochs (ascent); the stacks are cut to the
+running members as they finish (:data:`_COMPACT_FRACTION`), which changes no member's bits.
 
 References: Keskar et al., ICLR 2017 (sharpness); Golub & Van Loan, Matrix Computations, 4th ed.,
 Sec. 10.1 (Lanczos).
@@ -37,12 +41,32 @@ from torch import Tensor, nn
 from flatprior.errors import FlatpriorError, check_positive
 from flatprior.flatness._common import batches, check_int
 from flatprior.models.stacked import (
-    check_same_architecture,
+    FcnBceHessian,
     fcn_bce_and_grads,
     fcn_forward,
     stack_parameters,
     stacked_forward,
 )
+
+#: cut a stack (Lanczos, SGD ascent) to its running members once this fraction of it has
+#: finished: a cut copies the running part once, and every later iteration skips the finished
+#: members' HVPs, re-orthogonalisation or ascent steps (the bulk of the work: Boolean members
+#: converge after 9 to 21 Lanczos iterations, 34 to 100 ascent epochs)
+_COMPACT_FRACTION = 0.125
+
+
+def _members_to_keep(going: Tensor) -> Tensor | None:
+    """Stack positions kept when a stack is cut to its running members ``going`` (bool ``[M]``).
+
+    At least two: torch's ``bmm`` on a batch of one takes another matmul kernel than on a
+    batch of two or more (other rounding; batches of 2 to 250 give the same bits), so a lone
+    running member keeps one finished member beside it (that one's results are already taken).
+    ``None`` when the cut would keep the whole stack.
+    """
+    keep = going.nonzero().flatten()
+    if len(keep) == 1:
+        keep = torch.cat([keep, (~going).nonzero().flatten()[:1]]).sort().values
+    return None if len(keep) == len(going) else keep
 
 
 @dataclass
@@ -75,6 +99,19 @@ class _Stack:
         return [c.reshape(m, *s) for c, s in
                 zip(torch.split(theta, self.numels, dim=1), self.shapes, strict=True)]
 
+    def flatten(self, pieces: Sequence[Tensor]) -> Tensor:
+        """Stacked pieces ``[M, *shape]`` -> flat ``[M, p]`` (the inverse of :meth:`params`).
+
+        Each piece is copied once into its columns, whatever its strides (a transposed weight
+        gradient would be copied twice by reshape + cat).
+        """
+        out = torch.empty(pieces[0].shape[0], sum(self.numels), dtype=pieces[0].dtype)
+        start = 0
+        for q, k in zip(pieces, self.numels, strict=True):
+            out[:, start : start + k].view(q.shape).copy_(q)
+            start += k
+        return out
+
     def row_losses(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """Per-example BCE-with-logits ``[M, B]`` of each member on its rows."""
         logits = self.forward(self.params(theta), x)
@@ -85,23 +122,26 @@ def _stack(models: Sequence[nn.Module], inputs, targets, dtype, backend: str) ->
     models = list(models)
     if not models:
         raise FlatpriorError("no models given")
-    check_same_architecture(models)
     if isinstance(inputs, Tensor):
         inputs, targets = [inputs] * len(models), [targets] * len(models)
     if len(inputs) != len(models) or len(targets) != len(models):
         raise FlatpriorError("give one (inputs, targets) pair per model, or one for all")
     if any(len(x) == 0 or len(x) != len(y) for x, y in zip(inputs, targets, strict=True)):
         raise FlatpriorError("every member needs >= 1 input and one target per input")
-    ps = stack_parameters(models, dtype)
+    ps = stack_parameters(models, dtype)  # also checks: one architecture
     w0 = torch.cat([p.reshape(len(models), -1) for p in ps], dim=1)
     n_max = max(len(x) for x in inputs)
     shape = tuple(inputs[0].shape[1:])
-    x = torch.zeros(len(models), n_max, *shape, dtype=w0.dtype)
-    y = torch.zeros(len(models), n_max, dtype=w0.dtype)
-    for m, (xi, yi) in enumerate(zip(inputs, targets, strict=True)):
-        x[m, : len(xi)] = xi.to(w0.dtype)
-        y[m, : len(yi)] = yi.reshape(-1).to(w0.dtype)
     lens = torch.tensor([len(xi) for xi in inputs])
+    if bool((lens == n_max).all()):  # no padding: one stack (a copy per member costs ~10 us)
+        x = torch.stack(list(inputs)).to(w0.dtype)
+        y = torch.stack([yi.reshape(-1) for yi in targets]).to(w0.dtype)
+    else:
+        x = torch.zeros(len(models), n_max, *shape, dtype=w0.dtype)
+        y = torch.zeros(len(models), n_max, dtype=w0.dtype)
+        for m, (xi, yi) in enumerate(zip(inputs, targets, strict=True)):
+            x[m, : len(xi)] = xi.to(w0.dtype)
+            y[m, : len(yi)] = yi.reshape(-1).to(w0.dtype)
     mask = torch.arange(n_max)[None, :] < lens[:, None]
     return _Stack(w0, [p.shape[1:] for p in ps], [p[0].numel() for p in ps], x, y, mask, lens,
                   stacked_forward(models[0], backend))
@@ -416,8 +456,8 @@ def _lbfgsb_member_by_member(models, inputs, targets, eps, maxiter, eval_bs
                             [q.base_loss for q in res], [q.n_steps for q in res])
 
 
-def _stalled(m: int, cur: list[float], best: list[float], base: list[float], stalled: list[int],
-             tol: float) -> None:
+def _stalled(m: int, cur: list[float] | dict[int, float], best: list[float], base: list[float],
+             stalled: list[int], tol: float) -> None:
     """Member ``m``'s running maximum and stall count after an epoch (as ``keskar_sharpness``)."""
     gain = cur[m] - best[m]
     if gain > 0:
@@ -435,16 +475,36 @@ def _rows_and_grad(st: _Stack, z: Tensor, n: Tensor, sl: slice = slice(None)
     """
     x, y, mask = st.x[:, sl], st.y[:, sl], st.mask[:, sl]
     if st.forward is fcn_forward:
-        # what autograd sends back to the rows: 1 / n_m, masked like the rows
-        row_grad = (torch.ones_like(n) / n)[:, None].expand_as(y).masked_fill(~mask, 0.0)
         with torch.no_grad():
-            rows, grads = fcn_bce_and_grads(st.params(st.w0 + z), x, y, row_grad)
-        return (rows.masked_fill(~mask, 0.0),
-                torch.cat([q.reshape(z.shape[0], -1) for q in grads], dim=1))
+            rows, grads = fcn_bce_and_grads(st.params(st.w0 + z), x, y, _row_grad(n, mask))
+        return rows.masked_fill(~mask, 0.0), st.flatten(grads)
     zz = z.detach().requires_grad_(True)
     rows = st.row_losses(st.w0 + zz, x, y).masked_fill(~mask, 0.0)
     (g,) = torch.autograd.grad((rows.sum(1) / n).sum(), zz)
     return rows.detach(), g
+
+
+def _row_grad(n: Tensor, mask: Tensor) -> Tensor:
+    """What autograd sends back to the rows of ``(rows.sum(1) / n).sum()``: ``1 / n_m``, masked."""
+    return (torch.ones_like(n) / n)[:, None].expand(mask.shape).masked_fill(~mask, 0.0)
+
+
+def _rows_and_grad_pieces(st: _Stack, zs: list[Tensor], n: Tensor, thetas: list[Tensor]
+                          ) -> tuple[Tensor, list[Tensor]]:
+    """:func:`_rows_and_grad` on all rows with ``z`` and the gradient as lists of pieces.
+
+    FCNs: one piece per parameter tensor (``[M, *shape]``), so the written-out gradient is used
+    as it comes (no copy into the flat layout); ``w0 + z`` is written into ``thetas``. Other
+    models: one flat piece.
+    """
+    if st.forward is not fcn_forward:
+        rows, g = _rows_and_grad(st, zs[0], n)
+        return rows, [g]
+    for w, z, t in zip(st.params(st.w0), zs, thetas, strict=True):
+        torch.add(w, z, out=t)
+    with torch.no_grad():
+        rows, grads = fcn_bce_and_grads(thetas, st.x, st.y, _row_grad(n, st.mask))
+    return rows.masked_fill(~st.mask, 0.0), grads
 
 
 def _ascent_whole_set(st: _Stack, r: Tensor, lr: float, epochs: int, patience: int, tol: float,
@@ -457,35 +517,115 @@ def _ascent_whole_set(st: _Stack, r: Tensor, lr: float, epochs: int, patience: i
     128). The step's loss is the mean over the rows in their stored order rather than the
     epoch's shuffled order: the same gradient up to float64 rounding of the row sum (the
     shuffle of a one-batch epoch changes nothing else). The evaluation is :func:`_full_loss`'s
-    arithmetic on the same row losses.
+    arithmetic on the same row losses. Members stop after different numbers of epochs (Boolean
+    paper preset: 34 to 100); once :data:`_COMPACT_FRACTION` of the stack has stopped, the
+    stack is cut to the members still running (their numbers do not change: tested). The
+    perturbation is kept as pieces (:func:`_rows_and_grad_pieces`) in buffers reused every
+    epoch (fresh ``[M, p]`` tensors cost page faults).
 
     Returns:
         Each member's maximum full-set loss and its number of epochs.
     """
     M = st.w0.shape[0]
+    best, stalled, steps = list(base), [0] * M, [0] * M
+    alive = list(range(M))  # the stacked members (original numbers)
+    running = torch.ones(M, dtype=torch.bool)  # per stacked member
     n = st.lens.to(st.w0.dtype)
     lens = st.lens.tolist()
-    best, stalled, steps = list(base), [0] * M, [0] * M
-    running = torch.ones(M, dtype=torch.bool)
-    z = torch.zeros_like(st.w0)
-    rows, g = _rows_and_grad(st, z, n)
+    rs = [q.contiguous() for q in st.params(r)] if st.forward is fcn_forward else [r]
+    neg_rs = [-q for q in rs]
+    zs = [torch.zeros_like(q) for q in rs]
+    steps_buf = [torch.empty_like(q) for q in rs]
+    thetas = [torch.empty_like(q) for q in rs]
+    rows, gs = _rows_and_grad_pieces(st, zs, n, thetas)
     for epoch in range(1, epochs + 1):
-        act = running.nonzero().flatten().tolist()
-        with torch.no_grad():
-            z = torch.where(running[:, None], torch.clamp(z + lr * g, -r, r), z)
-        rows, g = _rows_and_grad(st, z, n)
+        with torch.no_grad():  # z <- clamp(z + lr g, -r, r), as lr * g + z (the same bits)
+            for g, z, nr, rr, sb in zip(gs, zs, neg_rs, rs, steps_buf, strict=True):
+                torch.mul(g, lr, out=sb).add_(z).clamp_(nr, rr)
+            if len(alive) == int(running.sum()):
+                zs, steps_buf = steps_buf, zs
+            else:
+                for z, sb in zip(zs, steps_buf, strict=True):
+                    torch.where(running.reshape(-1, *[1] * (z.dim() - 1)), sb, z, out=z)
+        rows, gs = _rows_and_grad_pieces(st, zs, n, thetas)
         means = (rows.sum(1) / n).tolist()
-        cur = [lb * k / k for lb, k in zip(means, lens, strict=True)]
-        if not all(math.isfinite(cur[m]) for m in act):
+        cur = dict(zip(alive, (lb * k / k for lb, k in zip(means, lens, strict=True)),
+                       strict=True))
+        act = [j for j, on in enumerate(running.tolist()) if on]
+        if not all(math.isfinite(cur[alive[j]]) for j in act):
             raise FlatpriorError("a member's loss is NaN/inf inside the sharpness box")
-        for m in act:
+        for j in act:
+            m = alive[j]
             steps[m] = epoch
             _stalled(m, cur, best, base, stalled, tol)
             if stalled[m] >= patience:
-                running[m] = False
-        if not bool(running.any()):
+                running[j] = False
+        n_run = int(running.sum())
+        if not n_run:
             break
+        keep = (_members_to_keep(running)
+                if len(alive) - n_run >= _COMPACT_FRACTION * len(alive) else None)
+        if keep is not None:
+            st = st.subset(keep.tolist())
+            alive = [alive[j] for j in keep.tolist()]
+            running, n, lens = running[keep], n[keep], [lens[j] for j in keep.tolist()]
+            zs, gs, rs, neg_rs = ([q[keep] for q in qs] for qs in (zs, gs, rs, neg_rs))
+            steps_buf = [torch.empty_like(q) for q in rs]
+            thetas = [torch.empty_like(q) for q in rs]
     return best, steps
+
+
+class _HessianOperator:
+    """Hessian-vector products of every stacked member's mean loss over its whole set at ``w0``.
+
+    ``H v`` of ``sum_m mean_m(loss)`` (each member's own Hessian block), evaluation batches of
+    ``batch_size`` rows weighted ``n_b / N``. FCNs (the ``bmm`` forward): the written-out
+    :class:`flatprior.models.stacked.FcnBceHessian` (no autograd graph); other models: double
+    backward through the graph of the summed gradients.
+    """
+
+    def __init__(self, st: _Stack, batch_size: int | None):
+        self.st, self.batch_size = st, batch_size
+        n = st.lens.to(st.w0.dtype)
+        slices = batches(st.x.shape[1], batch_size)
+        if st.forward is fcn_forward:
+            row_grad = _row_grad(n, st.mask)
+            ps = st.params(st.w0)
+            self.parts = [FcnBceHessian(ps, st.x[:, sl], st.y[:, sl], row_grad[:, sl])
+                          for sl in slices]
+            return
+        self.parts = None
+        self.theta = st.w0.clone().requires_grad_(True)
+        self.grads = []
+        with torch.enable_grad():
+            for sl in slices:
+                rows = st.row_losses(self.theta, st.x[:, sl], st.y[:, sl]).masked_fill(
+                    ~st.mask[:, sl], 0)
+                loss = (rows.sum(1) / n).sum()  # batch b contributes n_b/N of its mean
+                (g,) = torch.autograd.grad(loss, self.theta, create_graph=True)
+                self.grads.append(g)
+
+    def __call__(self, v: Tensor) -> Tensor:
+        """``H v`` for flat directions ``v [M, p]``."""
+        out = torch.zeros_like(v)
+        if self.parts is not None:
+            pieces = self.st.params(v)
+            for part in self.parts:
+                out += self.st.flatten(part(pieces))
+            return out
+        for g in self.grads:
+            (h,) = torch.autograd.grad(g, self.theta, grad_outputs=v, retain_graph=True)
+            out += h
+        return out.detach()
+
+    def subset(self, idx: Tensor) -> _HessianOperator:
+        """The operator of the stacked members ``idx`` only (their products unchanged)."""
+        if self.parts is None:  # a new graph on the members kept
+            return _HessianOperator(self.st.subset(idx.tolist()), self.batch_size)
+        out = object.__new__(_HessianOperator)
+        out.st, out.batch_size = self.st.subset(idx.tolist()), self.batch_size
+        out.parts = [part.subset(idx) for part in self.parts]
+        return out
 
 
 def batched_hessian_spectral_norm(
@@ -507,8 +647,11 @@ def batched_hessian_spectral_norm(
     alpha_j q_j - beta_{j-1} q_{j-1}`` re-orthogonalised twice against all ``q``,
     ``T_k = tridiag(beta, alpha, beta)``; the Ritz value ``theta`` of largest magnitude is
     accepted when ``beta_k |s_k| <= tol |theta|`` (``s`` its eigenvector of ``T_k``), or exactly
-    when ``beta_k`` vanishes. HVPs: double backward of the summed mean losses (each member's
-    Hessian block; minibatches of ``batch_size`` weighted ``n_b / N``).
+    when ``beta_k`` vanishes. HVPs: :class:`_HessianOperator` (minibatches of ``batch_size``
+    weighted ``n_b / N``). Members converge after different numbers of iterations (Boolean
+    paper preset: 9 to 21); once :data:`_COMPACT_FRACTION` of the stack has converged, the
+    stack is cut to the members still running (each member's iterations are its own, so its
+    value does not change: tested bit for bit).
 
     Returns:
         float64 ``[M]``.
@@ -517,23 +660,7 @@ def batched_hessian_spectral_norm(
     max_iter = check_int("max_iter", max_iter)
     st = _stack(models, inputs, targets, dtype, backend)
     M, p = st.w0.shape
-    n = st.lens.to(st.w0.dtype)
-    theta = st.w0.clone().requires_grad_(True)
-    grads = []
-    with torch.enable_grad():
-        for sl in batches(st.x.shape[1], batch_size):
-            rows = st.row_losses(theta, st.x[:, sl], st.y[:, sl]).masked_fill(~st.mask[:, sl], 0)
-            loss = (rows.sum(1) / n).sum()  # batch b contributes n_b/N of its mean
-            (g,) = torch.autograd.grad(loss, theta, create_graph=True)
-            grads.append(g)
-
-    def hvp(v: Tensor) -> Tensor:
-        out = torch.zeros_like(v)
-        for g in grads:
-            (h,) = torch.autograd.grad(g, theta, grad_outputs=v, retain_graph=True)
-            out += h
-        return out.detach()
-
+    op = _HessianOperator(st, batch_size)
     seeds = [seeds] * M if isinstance(seeds, int) else [int(s) for s in seeds]
     q = torch.stack([torch.randn(p, generator=torch.Generator().manual_seed(s),
                                  dtype=torch.float64) for s in seeds]).to(st.w0.dtype)
@@ -542,19 +669,23 @@ def batched_hessian_spectral_norm(
     # iteration made the basis O(k^2) memory traffic: 10 s of 15 on 250 untrained nets)
     Q = torch.empty(M, min(16, max_iter, p), p, dtype=q.dtype)
     Q[:, 0] = q
-    alphas, betas = [], []
+    alphas: list[Tensor] = []
+    betas: list[Tensor] = []
     result = torch.full((M,), float("nan"), dtype=torch.float64)
-    done = torch.zeros(M, dtype=torch.bool)
+    alive = torch.arange(M)  # the stacked members (original numbers)
+    done = torch.zeros(M, dtype=torch.bool)  # per stacked member
     k_max = min(max_iter, p)
+    tmp = torch.empty(M, p, dtype=Q.dtype)  # scratch: a fresh [M, p] costs page faults
     for k in range(1, k_max + 1):
-        w = hvp(Q[:, k - 1])
-        a = (w * Q[:, k - 1]).sum(1)
-        w = w - a[:, None] * Q[:, k - 1]
+        w = op(Q[:, k - 1])  # a new tensor: updated in place below (the same arithmetic)
+        a = torch.mul(w, Q[:, k - 1], out=tmp).sum(1)
+        w.sub_(torch.mul(Q[:, k - 1], a[:, None], out=tmp))
         if betas:
-            w = w - betas[-1][:, None] * Q[:, k - 2]
+            w.sub_(torch.mul(Q[:, k - 2], betas[-1][:, None], out=tmp))
         Qs = Q[:, :k]  # [M, k, p]
         for _ in range(2):  # w -= Q (Q^T w), twice
-            w = w - torch.bmm(torch.bmm(Qs, w[:, :, None]).transpose(1, 2), Qs)[:, 0]
+            c = torch.bmm(Qs, w[:, :, None]).transpose(1, 2)
+            w.sub_(torch.bmm(c, Qs, out=tmp.view(-1, 1, p)).view(-1, p))
         b = w.norm(dim=1)
         alphas.append(a)
         T = torch.diag_embed(torch.stack(alphas, 1))
@@ -564,18 +695,30 @@ def batched_hessian_spectral_norm(
         evals, evecs = torch.linalg.eigh(T.double())
         j = evals.abs().argmax(1)
         th = evals.gather(1, j[:, None]).squeeze(1)
-        s_last = evecs[torch.arange(M), -1, j]
+        s_last = evecs[torch.arange(len(alive)), -1, j]
         resid = b.double() * s_last.abs()
         ok = (resid <= tol * th.abs()) | (b <= 1e-14 * th.abs().clamp(min=1e-300)) | (k == p)
         new = ok & ~done
-        result[new] = th[new].abs()
+        result[alive[new]] = th[new].abs()
         done |= ok
         if bool(done.all()) or k == k_max:
             break
         betas.append(b)
+        n_done = int(done.sum())
+        keep = (_members_to_keep(~done)
+                if n_done and n_done >= _COMPACT_FRACTION * len(alive) else None)
+        if keep is not None:
+            op = op.subset(keep)
+            alive, done, w, b = alive[keep], done[keep], w[keep], b[keep]
+            alphas = [t[keep] for t in alphas]
+            betas = [t[keep] for t in betas]
+            Q_old, Q = Q, torch.empty(len(keep), Q.shape[1], p, dtype=Q.dtype)
+            Q[:, :k] = Q_old[keep, :k]
+            del Q_old
+            tmp = torch.empty(len(keep), p, dtype=Q.dtype)
         if k == Q.shape[1]:
             Q = torch.cat([Q, torch.empty_like(Q)[:, : min(Q.shape[1], k_max - k)]], dim=1)
-        Q[:, k] = w / b.clamp(min=1e-300)[:, None]
+        torch.div(w, b.clamp(min=1e-300)[:, None], out=Q[:, k])
     if not bool(done.all()):
         raise FlatpriorError(
             f"Lanczos did not converge within {k_max} iterations for {int((~done).sum())} "

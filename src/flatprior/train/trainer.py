@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import torch
@@ -106,10 +106,12 @@ class TrainResult:
         return self.epochs_to_zero_error is not None
 
     def summary(self) -> dict[str, Any]:
-        """The result without its per-epoch ``history``."""
-        d = asdict(self)
-        d.pop("history")
-        return d
+        """The result without its per-epoch ``history``.
+
+        The other fields are scalars and strings: read directly (``asdict`` would deep-copy
+        the history only to drop it).
+        """
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "history"}
 
 
 def _loss_fn(reduction: str) -> nn.Module:
@@ -146,9 +148,25 @@ def _one_logit(out: torch.Tensor) -> torch.Tensor:
     return out.reshape(-1)
 
 
+@torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 4096) -> torch.Tensor:
-    """Predicted labels in {0, 1} (logit > 0), eval mode, ``[n]`` float32."""
-    return evaluate(model, x, torch.zeros(len(x)), batch_size=batch_size)[2]
+    """Predicted labels in {0, 1} (logit > 0), eval mode, ``[n]`` float32.
+
+    :func:`evaluate`'s predictions without its loss and accuracy (an ensemble's records call
+    this once or twice per member).
+    """
+    if len(x) == 0:
+        return torch.zeros(0)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = torch.cat(
+            [_one_logit(model(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
+        )
+    finally:
+        if was_training:  # (eval mode stays: as evaluate's train(False) would leave it)
+            model.train()
+    return (logits > 0).float()
 
 
 def _augment(xb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
