@@ -3,10 +3,11 @@
 Both paths go through the runner and the SQLite store (``run_sweep``) with the same number of
 worker processes, measured in the same process run:
 
-* Boolean ``fig2-boolean --preset paper`` runs (default variant ``sampleable``; FCN 7-40-40-1,
+* Boolean ``fig2-boolean --preset paper`` runs (``--boolean-variant``: ``sampleable``, |S| = 4,
+  and/or ``majority``, |S| = 64, the spec the goal was set on; default both; FCN 7-40-40-1,
   batch 1, momentum, to zero error, sharpness + L-BFGS-B sharpness + Hessian spectral norm +
   log P(f)): the ensemble path on ``--boolean-runs`` runs (default 1000); the per-run path on
-  the first ``--baseline-runs`` of them (default 40) and on half as many, its time projected to
+  the first ``--baseline-runs`` of them (default 200) and on half as many, its time projected to
   all runs as start-up + slope x runs (printed as such). Goal: >= 50x.
 * ``fig3 mnist-fcn --preset paper`` (55 runs, SGD batch 128, |S| = 500, sharpness + log P(f)):
   both paths on all runs. Goal: >= 3x.
@@ -23,7 +24,8 @@ hundreds of MNIST epochs it can grow until a stopping epoch differs), and the la
 difference of the measures on those.
 
 Usage: python benchmarks/bench_ensemble.py [--quick] [--workers 2] [--data-root DIR]
-       [--boolean-runs N] [--baseline-runs N] [--skip-boolean] [--skip-mnist] [--backends]
+       [--boolean-runs N] [--baseline-runs N] [--boolean-variant V] [--skip-boolean]
+       [--skip-mnist] [--backends]
        [--profile M]
 """
 
@@ -64,12 +66,13 @@ def _compare(per_run: dict, ens: dict, measures) -> str:
     return "; ".join(parts)
 
 
-def bench_boolean(n_runs: int, n_base: int, workers: int) -> None:
+def bench_boolean(n_runs: int, n_base: int, workers: int, variant: str) -> None:
     from flatprior.experiments.specs import resolve
 
-    res = resolve("fig2-boolean", "paper", None, {"seed": list(range(n_runs))})
+    res = resolve("fig2-boolean", "paper", variant, {"seed": list(range(n_runs))})
     configs = res.configs
-    print(f"\nBoolean fig2 paper preset (batch 1, {configs[0].optimizer}, measures "
+    print(f"\nBoolean fig2 paper preset, variant {variant} (batch 1, {configs[0].optimizer}, "
+          f"measures "
           f"{list(configs[0].measures)}): {n_runs} runs, {workers} workers")
     # the per-run time is a + b n (a: starting the workers, importing torch); fit on n_base
     # and n_base / 2 runs: projecting t(n_base) proportionally would count `a` many times over
@@ -167,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--boolean-runs", type=int, default=None)
     ap.add_argument("--baseline-runs", type=int, default=None)
+    ap.add_argument("--boolean-variant", choices=("sampleable", "majority", "both"),
+                    default="both")
     ap.add_argument("--skip-boolean", action="store_true")
     ap.add_argument("--skip-mnist", action="store_true")
     ap.add_argument("--backends", action="store_true", help="only the bmm/vmap step timing")
@@ -191,7 +196,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.skip_boolean:
         n = args.boolean_runs or (100 if args.quick else 1000)
-        bench_boolean(n, min(n, args.baseline_runs or (10 if args.quick else 40)), args.workers)
+        variants = (("sampleable", "majority") if args.boolean_variant == "both"
+                    else (args.boolean_variant,))
+        for v in variants:
+            bench_boolean(n, min(n, args.baseline_runs or (20 if args.quick else 200)),
+                          args.workers, v)
     if not args.skip_mnist:
         bench_mnist(args.data_root, args.workers, args.quick)
     print(f"load average at end: {os.getloadavg()[0]:.1f}")
