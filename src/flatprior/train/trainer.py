@@ -125,17 +125,23 @@ def evaluate(
     """Mean BCE loss, accuracy and predictions (0/1, ``[n]``) of ``model`` in eval mode."""
     if len(y) == 0:
         return float("nan"), float("nan"), torch.zeros(0)
-    was_training = model.training
-    model.eval()
-    try:
-        logits = torch.cat(
-            [_one_logit(model(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
-        )
-    finally:
-        model.train(was_training)
+    logits = _eval_logits(model, x, batch_size)
     loss = nn.functional.binary_cross_entropy_with_logits(logits, y).item()
     pred = (logits > 0).float()
     return loss, (pred == y).float().mean().item(), pred
+
+
+def _eval_logits(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Logits ``[n]`` of ``model`` in eval mode, in batches; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat(
+            [_one_logit(model(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
+        )
+    finally:
+        if was_training:  # an eval-mode model stays as it is (no second walk over its modules)
+            model.train()
 
 
 def _one_logit(out: torch.Tensor) -> torch.Tensor:
@@ -157,16 +163,7 @@ def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 4096) -> tor
     """
     if len(x) == 0:
         return torch.zeros(0)
-    was_training = model.training
-    model.eval()
-    try:
-        logits = torch.cat(
-            [_one_logit(model(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
-        )
-    finally:
-        if was_training:  # (eval mode stays: as evaluate's train(False) would leave it)
-            model.train()
-    return (logits > 0).float()
+    return (_eval_logits(model, x, batch_size) > 0).float()
 
 
 def _augment(xb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
