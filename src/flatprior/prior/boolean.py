@@ -163,7 +163,9 @@ class BooleanPrior:
         if len({p.antithetic for p in parts}) > 1:
             raise FlatpriorError(
                 "cannot merge antithetic (paired) and independent samples: their counts have "
-                "different distributions; draw every chunk with the same antithetic setting"
+                "different distributions; draw every chunk the same way (files written before "
+                "Dec 2026 hold independent networks: add to them with `flatprior sample-prior "
+                "--independent` or antithetic=False)"
             )
         seeds = [s for p in parts for s in p.seeds]
         if len(set(seeds)) < len(seeds):
