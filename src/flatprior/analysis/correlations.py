@@ -429,8 +429,10 @@ def boolean_table(df: pd.DataFrame, top: int | None = 1000, prior=None) -> pd.Da
         top: keep this many of the most frequent functions (``None``: all).
         prior: optional :class:`flatprior.prior.BooleanPrior` (direct sampling); adds
             ``log_p_sampled`` = ln(count / n_samples) (NaN if the function was never sampled),
-            its 95 % Wilson interval ``log_p_sampled_ci_low`` / ``_ci_high`` (low end -inf when
-            never sampled) and ``sampled_count``.
+            its 95 % Wilson interval ``log_p_sampled_ci_low`` / ``_ci_high``
+            (:meth:`flatprior.prior.BooleanPrior.probability_interval`: for antithetic pairs
+            that of ``2P`` on ``n / 2`` pairs, halved; low end -inf when never sampled) and
+            ``sampled_count``.
 
     Returns:
         One row per function, most frequent first: ``function``, ``sgd_count``,

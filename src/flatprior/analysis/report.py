@@ -228,7 +228,8 @@ def _analyse_boolean(sec: SpecSection, store, prior: PriorOptions, *, n_boot: in
                                  "their stored EP log P(f) is on fewer inputs)")
         sec.extra_tables.insert(0, (
             "Agreement of the log P(f) estimates over the functions kept: sampling (Wilson "
-            "95 % CI), tilting (its 95 % CI) and EP (no CI); |d| in nats" + what, agree))
+            "95 % CI; antithetic pairs: of 2P on n/2 pairs, halved), tilting (its 95 % CI) and "
+            "EP (no CI); |d| in nats" + what, agree))
     flat = [c for c in measure_columns(bt) if c not in ("log_prior", "pac_bayes_bound")]
     parts = []
     for tgt in ("log_prior", "log_p_tilting", "log_p_sampled"):
