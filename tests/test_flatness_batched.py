@@ -47,19 +47,26 @@ def _boolean_nets(n_nets, n_train):
     return models, task
 
 
+def _runs_at_cut_fractions(monkeypatch, cls, measure):
+    """``measure()`` with the stack cut at every finish (0), at the default 1/8, never (2);
+    returns the three results and the sizes of every cut made."""
+    cuts = []
+    sub = cls.subset
+    monkeypatch.setattr(cls, "subset", lambda self, idx: cuts.append(len(idx)) or sub(self, idx))
+    runs = {}
+    for frac in (0.0, 0.125, 2.0):
+        monkeypatch.setattr(batched_mod, "_COMPACT_FRACTION", frac)
+        runs[frac] = measure()
+    return runs, cuts
+
+
 def test_lanczos_stack_cut_changes_no_member(monkeypatch):
     # members converge after different numbers of iterations; cutting the stack to the running
     # ones at every convergence, at the default fraction, or never: the same bits
     models, task = _boolean_nets(12, 4)
-    cuts = []
-    sub = batched_mod._HessianOperator.subset
-    monkeypatch.setattr(batched_mod._HessianOperator, "subset",
-                        lambda self, idx: cuts.append(len(idx)) or sub(self, idx))
-    runs = {}
-    for frac in (0.0, 0.125, 2.0):
-        monkeypatch.setattr(batched_mod, "_COMPACT_FRACTION", frac)
-        runs[frac] = batched_hessian_spectral_norm(models, task.x_train, task.y_train,
-                                                   seeds=list(range(12)))
+    runs, cuts = _runs_at_cut_fractions(
+        monkeypatch, batched_mod._HessianOperator, lambda: batched_hessian_spectral_norm(
+            models, task.x_train, task.y_train, seeds=list(range(12))))
     # the stack was cut (fraction 0: at every convergence), never below two members (a batch
     # of one takes other matmul kernels); the last cut kept a finished member beside a lone one
     assert len(cuts) >= 3 and min(cuts) == 2
@@ -78,16 +85,10 @@ def test_lanczos_stack_cut_changes_no_member(monkeypatch):
 
 def test_ascent_stack_cut_changes_no_member(monkeypatch):
     models, task = _boolean_nets(10, 4)
-    cuts = []
-    sub = batched_mod._Stack.subset
-    monkeypatch.setattr(batched_mod._Stack, "subset",
-                        lambda self, idx: cuts.append(len(idx)) or sub(self, idx))
-    runs = {}
-    for frac in (0.0, 0.125, 2.0):
-        monkeypatch.setattr(batched_mod, "_COMPACT_FRACTION", frac)
-        runs[frac] = batched_keskar_sharpness(models, task.x_train, task.y_train, 1e-3,
-                                              lr=0.05, epochs=40, patience=2, tol=1e-2,
-                                              seeds=list(range(10)))
+    runs, cuts = _runs_at_cut_fractions(
+        monkeypatch, batched_mod._Stack, lambda: batched_keskar_sharpness(
+            models, task.x_train, task.y_train, 1e-3, lr=0.05, epochs=40, patience=2, tol=1e-2,
+            seeds=list(range(10))))
     assert len(set(runs[2.0].n_steps)) > 2  # members stopped at several epochs
     assert len(cuts) >= 3 and min(cuts) >= 2
     for frac in (0.0, 0.125):
