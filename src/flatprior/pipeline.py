@@ -158,6 +158,20 @@ def kernel_of(x: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
     )
 
 
+def log_prior_fields(res) -> dict[str, Any]:
+    """A log P(f) estimate as record fields.
+
+    ``log_prior`` (natural log) and ``log_prior_converged``, plus ``log_prior_std_err`` /
+    ``_ci_low`` / ``_ci_high`` where the method gives them.
+    """
+    out = {"log_prior": float(res.log_prob), "log_prior_converged": bool(res.converged)}
+    for name in ("std_err", "ci_low", "ci_high"):
+        value = getattr(res, name)
+        if value is not None:
+            out[f"log_prior_{name}"] = float(value)
+    return out
+
+
 def prior_measures(model, task, cfg: RunConfig, *, log_prior=True, pac_bayes=True):
     """Compute log P(f) on S ∪ E and/or the PAC-Bayes bound (from S's labels) on one kernel.
 
@@ -177,13 +191,7 @@ def prior_measures(model, task, cfg: RunConfig, *, log_prior=True, pac_bayes=Tru
     if log_prior:
         t0 = time.perf_counter()
         labels = predict(model, x)
-        res = log_prior_fn(K, labels, method=cfg.prior_method)
-        out["log_prior"] = float(res.log_prob)
-        out["log_prior_converged"] = bool(res.converged)
-        for name, value in (("std_err", res.std_err), ("ci_low", res.ci_low),
-                            ("ci_high", res.ci_high)):
-            if value is not None:
-                out[f"log_prior_{name}"] = float(value)
+        out.update(log_prior_fields(log_prior_fn(K, labels, method=cfg.prior_method)))
         out["log_prior_time_s"] = time.perf_counter() - t0
     if pac_bayes:
         t0 = time.perf_counter()

@@ -393,6 +393,7 @@ def _log_prior_on(K, kkey: tuple | None, x, idx: list[int], cfg0, models: list,
     """
     import torch
 
+    from flatprior.pipeline import log_prior_fields
     from flatprior.prior.api import log_prior_distinct
     from flatprior.train import predict
 
@@ -405,14 +406,9 @@ def _log_prior_on(K, kkey: tuple | None, x, idx: list[int], cfg0, models: list,
     if todo:
         results, _ = log_prior_distinct(K, labels[todo], method=cfg0.prior_method)
         for j, r in zip(todo, results, strict=True):
-            f = {"log_prior": float(r.log_prob),
-                 "log_prior_converged": bool(getattr(r, "converged", True))}
-            for name in ("std_err", "ci_low", "ci_high"):
-                if getattr(r, name, None) is not None:
-                    f[f"log_prior_{name}"] = float(getattr(r, name))
-            fields[j] = f
+            fields[j] = log_prior_fields(r)
             if cacheable:
-                _PRIOR_CACHE.put(rows[j], f)
+                _PRIOR_CACHE.put(rows[j], fields[j])
     dt = (time.perf_counter() - t0) / len(idx)
     for i, f in zip(idx, fields, strict=True):
         records[i].update(f)
