@@ -263,7 +263,9 @@ class Store:
         if where:
             q += " WHERE " + " AND ".join(where)
         q += " ORDER BY r.created, r.key"
-        for blob, created, key in self._con.execute(q, args).fetchall():
+        # the cursor is read as it goes: a caller that stops early (the first config of a
+        # spec) does not pull every record of a 1e5-run sweep out of SQLite
+        for blob, created, key in self._con.execute(q, args):
             try:
                 rec = json.loads(blob)
             except (TypeError, ValueError):
