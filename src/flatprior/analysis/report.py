@@ -285,6 +285,7 @@ def boolean_tilting(bt: pd.DataFrame, cfg, *, top: int, seed: int = 0,
 
 def _tilting_local(K, labels: list, seed: int) -> list[tuple[float, float, float, bool]]:
     """:func:`_tilting_one` of every label vector on this machine's cores, with progress."""
+    import contextlib
     import multiprocessing as mp
     import os
     from concurrent.futures import ProcessPoolExecutor
@@ -303,18 +304,13 @@ def _tilting_local(K, labels: list, seed: int) -> list[tuple[float, float, float
                   TimeRemainingColumn(), console=Console(stderr=True), transient=True,
                   disable=len(labels) < 20) as prog:
         task = prog.add_task("tilting", total=len(labels))
-        if workers < 2:
-            out = []
-            for y in labels:
-                out.append(_tilting_one(K, y, seed, 1))
-                prog.advance(task)
-            return out
         # chunks of ~10 functions: K is sent once per chunk, the bar still moves
         chunks = [labels[i : i + 10] for i in range(0, len(labels), 10)]
         out = []
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            for res in pool.map(_tilting_many, [K] * len(chunks), chunks,
-                                [seed] * len(chunks)):
+        with (ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) if workers >= 2
+              else contextlib.nullcontext()) as pool:
+            for res in (pool.map if pool else map)(_tilting_many, [K] * len(chunks), chunks,
+                                                   [seed] * len(chunks)):
                 out += res
                 prog.advance(task, len(res))
         return out
