@@ -328,7 +328,7 @@ def report_cmd(
     boolean_samples: Annotated[
         int | None, typer.Option(help="fig2-boolean / psgd-boolean: random networks to sample "
                                  "for the prior P(f) (0: none; default: the preset's, e.g. 1e8 "
-                                 "for paper, unless --boolean-prior is given; ~150 k/s on 2 "
+                                 "for paper, unless --boolean-prior is given; ~200 k/s on 2 "
                                  "cores)")
     ] = None,
     boolean_prior: Annotated[
@@ -338,7 +338,7 @@ def report_cmd(
     ] = None,
     boolean_tilting: Annotated[
         int, typer.Option(help="fig2-boolean: log P(f) by tilting (with CI) for this many of the "
-                          "most frequent functions (~1-3 s each per core)")
+                          "most frequent functions (~0.17 s each per core)")
     ] = 0,
     scheduler: Annotated[
         str | None, typer.Option(help="Dask scheduler address: sampling chunks and tilting "

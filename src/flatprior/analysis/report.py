@@ -86,7 +86,7 @@ class PriorOptions:
             else the spec preset's ``prior_samples``, if any).
         files: saved :class:`flatprior.prior.BooleanPrior` chunk files to add.
         tilting: log P(f) by tilting (with its CI) for this many of the most frequent
-            functions (fig2-boolean; ~1-3 s each on one core).
+            functions (fig2-boolean; ~0.17 s each on one core at n = 128).
         scheduler: Dask scheduler address: sampled chunks and tilting estimates as tasks.
         seed: master seed of the drawn chunks and the tilting estimates.
     """
@@ -356,8 +356,8 @@ def _analyse_psgd(sec: SpecSection, store, prior: PriorOptions, group_by, *, n_b
             to_png(psgd_figure(table, summary, group_by=group_by))))
 
 
-#: networks per sampled chunk of :func:`boolean_prior_for` (one Dask task each; ~2 min at
-#: ~150 k networks/s on 2 cores); chunk ``i`` of master seed ``s`` has its own derived seed
+#: networks per sampled chunk of :func:`boolean_prior_for` (one Dask task each; ~1.5 min at
+#: ~200 k networks/s on 2 cores); chunk ``i`` of master seed ``s`` has its own derived seed
 PRIOR_CHUNK = 1 << 24
 
 
@@ -445,7 +445,7 @@ def boolean_prior_for(runs, *, samples: int = 0, files=(), seed: int = 0,
             TimeRemainingColumn,
         )
 
-        # ~150 k networks/s on 2 cores: a bar for anything longer than a few seconds (stderr)
+        # ~200 k networks/s on 2 cores: a bar for anything longer than a few seconds (stderr)
         with Progress(TextColumn("sampling random networks"), BarColumn(), MofNCompleteColumn(),
                       TimeRemainingColumn(), console=Console(stderr=True), transient=True,
                       disable=not progress or samples < 1_000_000) as prog:
