@@ -95,7 +95,7 @@ def profile_boolean(m: int) -> None:
     from flatprior.experiments.ensemble import run_ensemble
     from flatprior.experiments.specs import resolve
 
-    configs = resolve("fig2-boolean", "paper", None, {"seed": list(range(m))}).configs
+    configs = resolve("fig2-boolean", "paper", os.environ.get("V"), {"seed": list(range(m))}).configs
     # a sweep worker imports these once for all its ensembles: import them before the clock
     # (~1.9 s, which would otherwise count as "other", "kernel" and "sharpness_lbfgsb" of this
     # one ensemble)

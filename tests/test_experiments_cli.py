@@ -146,3 +146,25 @@ def test_memory_budget_chunks_the_ensemble_same_functions(cli, tmp_path):
     off = cli(*_BOOL_RUN[:-2], "--ensemble", "off", "--out", tmp_path / "big.db",
               "--memory-budget", "1GB")
     assert off.returncode == 0 and "applies to ensembles only" in off.stderr
+
+
+def test_ensemble_default_comes_from_the_spec(cli, tmp_path):
+    # fig2-boolean's spec says auto (1e5 batch-1 runs need ensembles), fig3's says off
+    p = cli("run", "fig3", "--dry-run")
+    assert p.returncode == 0 and "ensembles: off (the spec's default)" in p.stderr
+    p = cli("run", "fig2-boolean", "--dry-run", "--ensemble", "off")
+    assert p.returncode == 0 and "ensembles: off (--ensemble)" in p.stderr
+    db = tmp_path / "b.db"
+    base = ["fig2-boolean", "--set", "seed=[0, 1, 2]", "--set", "measures=none",
+            "--workers", "1", "--no-progress"]
+    p = cli("run", *base, "--out", str(db))
+    assert p.returncode == 0, p.stderr
+    assert "ensembles: auto (the spec's default)" in p.stderr
+    p = cli("run", *base, "--set", "seed=[3]", "--ensemble", "off", "--out", str(db))
+    assert p.returncode == 0, p.stderr
+    con = sqlite3.connect(db)
+    got = sorted((json.loads(r)["seed"], json.loads(r)["executed_as"], json.loads(r)["ensemble_size"])
+                 for (r,) in con.execute("SELECT record FROM runs"))
+    assert got == [(0, "ensemble", 3), (1, "ensemble", 3), (2, "ensemble", 3), (3, "single", 1)]
+    p = cli("run", "fig2-boolean", "--dry-run", "--ensemble", "on")
+    assert p.returncode == 2 and "--ensemble must be auto or off, got 'on'" in p.stderr

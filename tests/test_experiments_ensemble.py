@@ -51,8 +51,11 @@ def test_sweep_records_equal_per_run_path(tmp_path):
     for k, r in off.items():
         e = auto[k]
         assert set(e) == set(r)  # identical fields
+        # provenance: which path ran it (one work item of 3 members here)
+        assert (r["executed_as"], r["ensemble_size"]) == ("single", 1)
+        assert (e["executed_as"], e["ensemble_size"]) == ("ensemble", 3)
         for f in r:
-            if f in TIMES or f.endswith("_time_s"):
+            if f in TIMES or f.endswith("_time_s") or f in ("executed_as", "ensemble_size"):
                 continue
             if f == "history":
                 assert len(e[f]) == len(r[f])

@@ -152,3 +152,20 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     colours = np.unique((px.reshape(-1, 3) * 255).astype(np.uint8), axis=0)
     assert len(colours) > 200
     assert Path(shot).stat().st_size > 20_000
+
+
+def test_execution_note_counts_the_paths_and_warns_when_mixed():
+    import pandas as pd
+
+    from flatprior.analysis.report import execution_note
+
+    df = pd.DataFrame({"status": ["done"] * 4 + ["failed"],
+                       "executed_as": ["ensemble", "ensemble", "single", None, None]})
+    note = execution_note(df)
+    assert note.startswith("Finished runs executed: 2 as ensemble members (--ensemble auto), "
+                           "1 one per run, 1 not recorded")
+    assert "Both paths in one store" in note
+    only = execution_note(pd.DataFrame({"status": ["done"], "executed_as": ["single"]}))
+    assert only == "Finished runs executed: 1 one per run."
+    old = execution_note(pd.DataFrame({"status": ["done"]}))  # stored before the field existed
+    assert old == "Finished runs executed: 1 not recorded (stored before December 2026)."

@@ -235,10 +235,12 @@ def run_cmd(
     progress: Annotated[bool, typer.Option(help="show the progress bar")] = True,
     run_fn: Annotated[str | None, typer.Option(hidden=True, help="module:function")] = None,
     ensemble: Annotated[
-        str, typer.Option(help="off: one task per run | auto: train compatible runs together "
-                          "as ensembles (much faster for Boolean sweeps; float32 results then "
-                          "differ from the per-run path after long training)")
-    ] = "off",
+        str | None, typer.Option(help="off: one task per run | auto: train compatible runs "
+                                 "together as ensembles (much faster for Boolean sweeps; float32 "
+                                 "results then differ from the per-run path after long "
+                                 "training). Default: the spec's (auto for fig2-boolean and "
+                                 "psgd-boolean, off elsewhere; `flatprior list SPEC` shows it)")
+    ] = None,
     memory_budget: Annotated[
         str | None, typer.Option(help="memory one ensemble may use, e.g. 512MB, 2GB, 1.5GiB "
                                  "(--ensemble auto; members are trained and measured in chunks "
@@ -251,18 +253,25 @@ def run_cmd(
 
     if workers is not None and workers < 1:
         raise FlatpriorError(f"--workers must be >= 1, got {workers}")
+    if ensemble is not None and ensemble not in ("auto", "off"):
+        raise FlatpriorError(f"--ensemble must be auto or off, got {ensemble!r}")
     budget = None
     if memory_budget is not None:
         from flatprior.experiments.ensemble import parse_memory_budget
 
         budget = parse_memory_budget(memory_budget)
-        if ensemble != "auto":
-            err.print("[yellow]note:[/] --memory-budget applies to ensembles only "
-                      "(--ensemble auto)")
     res = _resolve_cli(spec, variant, preset, sets, config, data_root, data_path, label_column)
     fn = import_run_fn(run_fn) if run_fn else None
     sweep = ", ".join(f"{k} ({len(v)})" for k, v in res.sweep.items()) or "none"
-    err.print(f"{res.label}: {len(res.configs)} runs; sweep over {sweep}")
+    if ensemble is None:
+        ensemble = res.spec.ensemble
+        how = "the spec's default"
+    else:
+        how = "--ensemble"
+    if budget is not None and ensemble != "auto":
+        err.print("[yellow]note:[/] --memory-budget applies to ensembles only (--ensemble auto)")
+    err.print(f"{res.label}: {len(res.configs)} runs; sweep over {sweep}; ensembles: {ensemble} "
+              f"({how})", soft_wrap=True)
     if dry_run:
         out.print(json.dumps({"label": res.label, "base": res.base, "sweep": res.sweep,
                               "n_runs": len(res.configs)}, indent=1, default=str))
@@ -293,7 +302,8 @@ def list_cmd(
     con = out if out.is_terminal else Console(width=_PIPE_WIDTH)
     if spec is not None:
         s = load_spec(spec)
-        con.print(f"[bold]{s.name}[/]: {s.title}\nreproduces: {s.reproduces}\n{s.description}")
+        con.print(f"[bold]{s.name}[/]: {s.title}\nreproduces: {s.reproduces}\n{s.description}\n"
+                  f"flatprior run's default: --ensemble {s.ensemble}")
         for v in list(s.variants) or [None]:
             for p in PRESETS:
                 r = resolve(s, p, v, build=False)

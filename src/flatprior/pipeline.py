@@ -308,9 +308,11 @@ def run(
 def train_record(cfg: RunConfig, task, model, result) -> dict[str, Any]:
     """The record's fields up to the measures.
 
-    Key, config, versions, the training outcome, ``train_time_s``, ``notes`` and (Boolean)
-    ``function``. Shared by :func:`run` and the ensemble path
-    (:mod:`flatprior.experiments.ensemble`), so both write the same fields.
+    Key, config, versions, the training outcome, ``train_time_s``, ``notes``, how the run was
+    executed (``executed_as``: ``"single"`` here, ``"ensemble"`` on the ensemble path, with
+    ``ensemble_size`` members in its work item, 1 here) and (Boolean) ``function``. Shared by
+    :func:`run` and the ensemble path (:mod:`flatprior.experiments.ensemble`), so both write the
+    same fields.
     """
     record: dict[str, Any] = {
         "key": cfg.key(),
@@ -324,6 +326,9 @@ def train_record(cfg: RunConfig, task, model, result) -> dict[str, Any]:
         **result.summary(),
         "train_time_s": result.wall_time_s,
         "notes": task.notes,
+        # provenance: the two paths agree to float32 rounding, which long training can amplify
+        "executed_as": "single",
+        "ensemble_size": 1,
     }
     record.pop("wall_time_s")
     if cfg.dataset == "boolean":

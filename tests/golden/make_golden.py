@@ -56,12 +56,15 @@ def config_of(case) -> dict:
 
 
 def strip(record: dict) -> dict:
-    """The record without what is not a function of the config (times, versions, paths)."""
+    """The record without what is not a function of the config (times, versions, paths).
+
+    ``executed_as`` / ``ensemble_size`` say which path ran it (the cases run the per-run path).
+    """
 
     def clean(obj):
         if isinstance(obj, dict):
             return {k: clean(v) for k, v in obj.items()
-                    if not k.endswith("_time_s") and k not in ("versions", "data_root")}
+                    if not k.endswith("_time_s") and k not in ("versions", "data_root", "executed_as", "ensemble_size")}
         if isinstance(obj, list):
             return [clean(v) for v in obj]
         return obj

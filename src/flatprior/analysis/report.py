@@ -77,6 +77,30 @@ class SpecSection:
     unreadable: list[str] = field(default_factory=list)
 
 
+def execution_note(df: pd.DataFrame) -> str:
+    """One sentence: how many finished runs in ``df`` ran as ensemble members, how many alone.
+
+    From the records' ``executed_as`` (finished records written before it existed count as
+    not recorded; failed runs are left out).
+    The two paths agree to float32 rounding, which long training can amplify (README,
+    "Why off is the default"), so a store that mixes them says so.
+    """
+    if "status" in df.columns:
+        df = df[df["status"] == "done"]
+    col = (df["executed_as"] if "executed_as" in df.columns
+           else pd.Series(index=df.index, dtype=object))
+    counts = col.fillna("unknown").value_counts()
+    n_ens, n_one, n_unk = (int(counts.get(k, 0)) for k in ("ensemble", "single", "unknown"))
+    parts = [f"{n_ens} as ensemble members (--ensemble auto)" if n_ens else "",
+             f"{n_one} one per run" if n_one else "",
+             f"{n_unk} not recorded (stored before December 2026)" if n_unk else ""]
+    text = "Finished runs executed: " + (", ".join(p for p in parts if p) or "none") + "."
+    if n_ens and n_one:
+        text += (" Both paths in one store: they agree to float32 rounding, which long training "
+                 "can amplify (a run may stop at another epoch).")
+    return text
+
+
 @dataclass
 class PriorOptions:
     """Where the sampled Boolean prior comes from and how much else to estimate (report).
@@ -147,6 +171,7 @@ def analyse_spec(
     sec = SpecSection(label, info, df, unreadable=sorted(store.unreadable - before))
     if df.empty:
         return sec
+    sec.notes.append(execution_note(df))
     kind = info.get("analysis", "attack")
     group_by = info.get("group_by", ["optimizer"])
     if kind == "boolean" and "function" in df.columns:

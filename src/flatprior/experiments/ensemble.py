@@ -258,7 +258,8 @@ def run_ensemble(cfgs: list[dict[str, Any]], *, memory_budget: int = DEFAULT_MEM
     for i in ok:
         models[i].eval()
         records[i] = train_record(runs[i], tasks[i], models[i], outs[i].result)
-        records[i]["train_time_s"] = t_train / len(runs)
+        records[i].update(train_time_s=t_train / len(runs), executed_as="ensemble",
+                          ensemble_size=len(runs))
     which = cfg0.measures
     if ok and "sharpness" in which:
         _measure_sharpness(ok, runs, tasks, models, records, memory_budget)

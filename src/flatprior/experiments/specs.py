@@ -147,6 +147,11 @@ class ExperimentSpec(_Layer):
         needs: what must be present to run it (data files), shown by ``flatprior list``.
         group_by: run fields the correlations are split by (besides those that vary).
         boolean_top: ``boolean`` analysis: how many of the most frequent functions to keep.
+        ensemble: the spec's default for ``flatprior run --ensemble``: ``auto`` (train
+            compatible runs together as ensembles) for the Boolean specs, whose 1e5 batch-1
+            runs need it and whose runs agree with the per-run path; ``off`` (one task per run)
+            elsewhere, where long float32 training can amplify the rounding difference of
+            batched matmuls until a run stops at another epoch.
     """
 
     name: str
@@ -156,6 +161,7 @@ class ExperimentSpec(_Layer):
     needs: str | None = None
     group_by: list[str] = ["optimizer"]
     boolean_top: int = 1000
+    ensemble: Literal["auto", "off"] = "off"
     presets: dict[str, PresetSpec]
     variants: dict[str, VariantSpec] = {}
 
