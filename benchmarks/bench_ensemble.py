@@ -13,7 +13,8 @@ worker processes, measured in the same process run:
   both paths on all runs. Goal: >= 3x.
 * ``--backends``: one training step (forward + backward) of the stacked ``bmm`` and ``vmap``
   forwards on both systems.
-* ``--profile M``: where the time of ONE ensemble of M Boolean paper-preset members goes, in
+* ``--profile M``: where the time of ONE ensemble of M Boolean paper-preset members goes
+  (``--boolean-variant``; ``both``: sampleable), in
   this process (one thread): training, each batched measure, log P(f) (kernel + batched EP over
   the distinct functions) and the per-member L-BFGS-B sharpness, from the records' times
   (modules imported before the clock, as in a sweep worker that runs many ensembles).
@@ -91,11 +92,11 @@ def bench_boolean(n_runs: int, n_base: int, workers: int, variant: str) -> None:
     print(f"  distinct functions among {n_runs} runs: {n_fun} (log P(f) computed once each)")
 
 
-def profile_boolean(m: int) -> None:
+def profile_boolean(m: int, variant: str) -> None:
     from flatprior.experiments.ensemble import run_ensemble
     from flatprior.experiments.specs import resolve
 
-    configs = resolve("fig2-boolean", "paper", os.environ.get("V"), {"seed": list(range(m))}).configs
+    configs = resolve("fig2-boolean", "paper", variant, {"seed": list(range(m))}).configs
     # a sweep worker imports these once for all its ensembles: import them before the clock
     # (~1.9 s, which would otherwise count as "other", "kernel" and "sharpness_lbfgsb" of this
     # one ensemble)
@@ -109,7 +110,8 @@ def profile_boolean(m: int) -> None:
     t0 = time.perf_counter()
     recs = run_ensemble(configs)
     wall = time.perf_counter() - t0
-    print(f"\none ensemble of {m} Boolean paper-preset members in this process: {wall:.1f} s "
+    print(f"\none ensemble of {m} Boolean paper-preset members ({variant} variant) in this "
+          f"process: {wall:.1f} s "
           f"({wall / m * 1e3:.1f} ms per member)")
     phases = ("train", "sharpness", "sharpness_lbfgsb", "spectral_norm", "kernel", "log_prior")
     for ph in phases:
@@ -192,7 +194,8 @@ def main(argv: list[str] | None = None) -> None:
         bench_backends(5 if args.quick else 30)
         return
     if args.profile:
-        profile_boolean(args.profile)
+        profile_boolean(args.profile, "sampleable" if args.boolean_variant == "both"
+                        else args.boolean_variant)
         return
     if not args.skip_boolean:
         n = args.boolean_runs or (100 if args.quick else 1000)

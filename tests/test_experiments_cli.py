@@ -163,8 +163,8 @@ def test_ensemble_default_comes_from_the_spec(cli, tmp_path):
     p = cli("run", *base, "--set", "seed=[3]", "--ensemble", "off", "--out", str(db))
     assert p.returncode == 0, p.stderr
     con = sqlite3.connect(db)
-    got = sorted((json.loads(r)["seed"], json.loads(r)["executed_as"], json.loads(r)["ensemble_size"])
-                 for (r,) in con.execute("SELECT record FROM runs"))
+    recs = [json.loads(r) for (r,) in con.execute("SELECT record FROM runs")]
+    got = sorted((r["seed"], r["executed_as"], r["ensemble_size"]) for r in recs)
     assert got == [(0, "ensemble", 3), (1, "ensemble", 3), (2, "ensemble", 3), (3, "single", 1)]
     p = cli("run", "fig2-boolean", "--dry-run", "--ensemble", "on")
     assert p.returncode == 2 and "--ensemble must be auto or off, got 'on'" in p.stderr

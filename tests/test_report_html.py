@@ -159,13 +159,15 @@ def test_execution_note_counts_the_paths_and_warns_when_mixed():
 
     from flatprior.analysis.report import execution_note
 
-    df = pd.DataFrame({"status": ["done"] * 4 + ["failed"],
+    df = pd.DataFrame({"status": ["zero_error", "did_not_reach_zero_error", "zero_error",
+                                  "zero_error", "failed"],
                        "executed_as": ["ensemble", "ensemble", "single", None, None]})
     note = execution_note(df)
     assert note.startswith("Finished runs executed: 2 as ensemble members (--ensemble auto), "
                            "1 one per run, 1 not recorded")
     assert "Both paths in one store" in note
-    only = execution_note(pd.DataFrame({"status": ["done"], "executed_as": ["single"]}))
+    only = execution_note(pd.DataFrame({"status": ["zero_error"], "executed_as": ["single"]}))
     assert only == "Finished runs executed: 1 one per run."
-    old = execution_note(pd.DataFrame({"status": ["done"]}))  # stored before the field existed
+    # records stored before the field existed
+    old = execution_note(pd.DataFrame({"status": ["zero_error"]}))
     assert old == "Finished runs executed: 1 not recorded (stored before December 2026)."

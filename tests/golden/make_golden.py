@@ -55,6 +55,9 @@ def config_of(case) -> dict:
     return resolve(spec, "quick", variant, overrides).configs[index].model_dump(mode="json")
 
 
+DROPPED = ("versions", "data_root", "executed_as", "ensemble_size")
+
+
 def strip(record: dict) -> dict:
     """The record without what is not a function of the config (times, versions, paths).
 
@@ -64,7 +67,7 @@ def strip(record: dict) -> dict:
     def clean(obj):
         if isinstance(obj, dict):
             return {k: clean(v) for k, v in obj.items()
-                    if not k.endswith("_time_s") and k not in ("versions", "data_root", "executed_as", "ensemble_size")}
+                    if not k.endswith("_time_s") and k not in DROPPED}
         if isinstance(obj, list):
             return [clean(v) for v in obj]
         return obj

@@ -85,8 +85,10 @@ def execution_note(df: pd.DataFrame) -> str:
     The two paths agree to float32 rounding, which long training can amplify (README,
     "Why off is the default"), so a store that mixes them says so.
     """
+    from flatprior.experiments.store import FAILED
+
     if "status" in df.columns:
-        df = df[df["status"] == "done"]
+        df = df[df["status"] != FAILED]
     col = (df["executed_as"] if "executed_as" in df.columns
            else pd.Series(index=df.index, dtype=object))
     counts = col.fillna("unknown").value_counts()
