@@ -13,6 +13,9 @@ worker processes, measured in the same process run:
   both paths on all runs. Goal: >= 3x.
 * ``--backends``: one training step (forward + backward) of the stacked ``bmm`` and ``vmap``
   forwards on both systems.
+* ``--profile-mnist N``: N fig3 MNIST runs (seed 0) in-process by both paths, their phases,
+  the ensemble's matmul floor and the largest ratio any ensemble of the same arithmetic can
+  reach (EP costs both paths alike).
 * ``--profile M``: where the time of ONE ensemble of M Boolean paper-preset members goes
   (``--boolean-variant``; ``both``: sampleable), in
   this process (one thread): training, each batched measure, log P(f) (kernel + batched EP over
@@ -27,12 +30,13 @@ difference of the measures on those.
 Usage: python benchmarks/bench_ensemble.py [--quick] [--workers 2] [--data-root DIR]
        [--boolean-runs N] [--baseline-runs N] [--boolean-variant V] [--skip-boolean]
        [--skip-mnist] [--backends]
-       [--profile M]
+       [--profile M] [--profile-mnist N]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tempfile
 import time
@@ -90,6 +94,14 @@ def bench_boolean(n_runs: int, n_base: int, workers: int, variant: str) -> None:
     print("  " + _compare(base, {k: ens[k] for k in base}, configs[0].measures))
     n_fun = len({r["function"] for r in ens.values()})
     print(f"  distinct functions among {n_runs} runs: {n_fun} (log P(f) computed once each)")
+    # what no ensemble of the same arithmetic can beat: the workers' start-up, then the matmuls
+    # at the machine's bmm rate, spread over the workers
+    start = _startup_time(workers)
+    floor = _matmul_floor(configs[: min(250, n_runs)])
+    least = start + floor * n_runs / workers
+    print(f"  bound: starting {workers} workers {start:.1f} s + matmuls >= {floor * 1e3:.1f} ms "
+          f"per run / {workers} workers = {least:.1f} s: any ensemble path of the same "
+          f"arithmetic <= {proj / least:.0f}x")
 
 
 def profile_boolean(m: int, variant: str) -> None:
@@ -121,6 +133,129 @@ def profile_boolean(m: int, variant: str) -> None:
     print(f"  {'other':<17s} {other:6.2f} s  (records, kernels' inputs, predictions)")
     n_fun = len({r["function"] for r in recs})
     print(f"  distinct functions: {n_fun} (one batched EP call over them)")
+    _matmul_floor(configs, wall)
+
+
+def _bmm_rate(dtype, shape: tuple[int, int, int, int], reps: int = 50) -> float:
+    """FLOP/s of ``torch.bmm`` at ``shape = (M, n, k, m)`` (best of five passes: an upper bound)."""
+    import torch
+
+    M, n, k, m = shape
+    a, b = torch.randn(M, n, k, dtype=dtype), torch.randn(M, k, m, dtype=dtype)
+    out = torch.empty(M, n, m, dtype=dtype)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.bmm(a, b, out=out)
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return 2 * M * n * k * m / best
+
+
+def _matmul_floor(configs, wall: float | None = None) -> float:
+    """The matmul work of the ensemble and the least time it takes at this machine's bmm rate.
+
+    Counts the FLOPs of every matmul (``torch.utils.flop_counter``: mm, bmm, addmm, baddbmm) of
+    a second, identical ensemble run, training separately, and divides them by the rate of
+    ``torch.bmm`` at the stack's dominant shapes (float32 training: one batch-1 hidden layer;
+    float64 measures: the whole training set through a hidden layer). A lower bound on the
+    ensemble's time (EP, element-wise ops and Python are not counted), hence an upper bound on
+    what any speed-up of the same arithmetic can reach.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from flatprior.experiments.ensemble import _build_tasks, run_ensemble
+    from flatprior.pipeline import build_model
+    from flatprior.train import train_ensemble
+
+    c0 = configs[0]
+    M, n, width = len(configs), c0.n_train, c0.hidden[0]
+    k = max(width, math.prod(_input_shape(c0)))  # the layer with the most multiply-adds
+    tasks = _build_tasks(configs)
+    models = [build_model(c, t.input_shape) for c, t in zip(configs, tasks, strict=True)]
+    with FlopCounterMode(display=False) as fc:
+        train_ensemble(models, tasks, configs[0].train_config(), [c.seed for c in configs])
+    train_flop = fc.get_total_flops() / M
+    with FlopCounterMode(display=False) as fc:
+        run_ensemble(configs)
+    meas_flop = fc.get_total_flops() / M - train_flop
+    b = min(c0.batch_size, n)
+    r32 = _bmm_rate(torch.float32, (M, b, k, width))
+    r64 = _bmm_rate(torch.float64, (M, n, k, width))
+    floor = train_flop / r32 + meas_flop / r64
+    print(f"  matmul work per member (torch.utils.flop_counter): training {train_flop / 1e6:.1f} "
+          f"MFLOP (float32), measures {meas_flop / 1e6:.1f} MFLOP (float64); this machine's bmm "
+          f"at these shapes: {r32 / 1e9:.1f} GFLOP/s float32 [{M}, {b}, {k}] x [{k}, "
+          f"{width}], {r64 / 1e9:.1f} GFLOP/s float64 [{M}, {n}, {k}] x [{k}, {width}]")
+    if wall is not None:
+        print(f"  => the matmuls alone take >= {floor * 1e3:.1f} ms per member; measured "
+              f"{wall / M * 1e3:.1f} ms ({floor / (wall / M):.0%} of it)")
+    return floor
+
+
+def _worker(_):
+    import scipy.optimize  # noqa: F401
+
+    import flatprior.experiments.ensemble  # noqa: F401
+    import flatprior.flatness.batched  # noqa: F401
+    import flatprior.pipeline  # noqa: F401
+    import flatprior.prior.api  # noqa: F401
+
+
+def _startup_time(workers: int) -> float:
+    """Seconds to spawn ``workers`` processes that import what a sweep worker imports."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        list(pool.map(_worker, range(workers)))
+    return time.perf_counter() - t0
+
+
+def _input_shape(cfg) -> tuple[int, ...]:
+    from flatprior.experiments.ensemble import _build_tasks
+
+    return tuple(_build_tasks([cfg])[0].input_shape)
+
+
+def profile_mnist(data_root: str, n_runs: int) -> None:
+    """In-process (one thread): fig3 mnist-fcn paper runs of seed 0 by both paths, and the bound.
+
+    The per-run path (``pipeline.run`` per config) and one ensemble of the same runs, their
+    phases, the ensemble's matmul floor (:func:`_matmul_floor`) and the largest ratio any
+    ensemble could reach: per-run time / (matmul floor + the ensemble's EP and kernel time,
+    which both paths spend alike: one EP per distinct function).
+    """
+    from flatprior.experiments.ensemble import run_ensemble
+    from flatprior.experiments.specs import resolve
+    from flatprior.pipeline import run
+
+    res = resolve("fig3", "paper", "mnist-fcn", {"data_root": data_root, "seed": 0})
+    configs = res.configs[:n_runs]
+    import scipy.optimize  # noqa: F401  (imported before the clock, as in a sweep worker)
+
+    import flatprior.flatness.batched  # noqa: F401
+    import flatprior.prior.api  # noqa: F401
+
+    phases = ("train", "sharpness", "sharpness_lbfgsb", "kernel", "log_prior")
+    rows = {}
+    for name, fn in (("per-run", lambda: [run(c) for c in configs]),
+                     ("ensemble", lambda: run_ensemble(configs))):
+        t0 = time.perf_counter()
+        recs = fn()
+        rows[name] = (time.perf_counter() - t0, recs)
+        per = {ph: sum(r.get(f"{ph}_time_s", 0.0) for r in recs) / len(recs) for ph in phases}
+        print(f"  {name:<8s} {rows[name][0]:6.1f} s for {len(recs)} runs: "
+              + ", ".join(f"{ph} {v:.2f}" for ph, v in per.items()) + " s per run")
+    t_run, _ = rows["per-run"]
+    t_ens, recs = rows["ensemble"]
+    floor = _matmul_floor(configs, t_ens)
+    ep = sum(r.get("log_prior_time_s", 0.0) + r.get("kernel_time_s", 0.0) for r in recs)
+    bound = t_run / (floor * len(configs) + ep)
+    print(f"  ratio per-run / ensemble here: {t_run / t_ens:.2f}x; any ensemble of the same "
+          f"arithmetic: <= {bound:.2f}x (matmul floor + EP)   [goal >= 3x]")
 
 
 def bench_mnist(data_root: str, workers: int, quick: bool) -> None:
@@ -179,6 +314,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--backends", action="store_true", help="only the bmm/vmap step timing")
     ap.add_argument("--profile", type=int, default=None, metavar="M",
                     help="only: where one ensemble of M Boolean members spends its time")
+    ap.add_argument("--profile-mnist", type=int, default=None, metavar="N",
+                    help="only: N fig3 MNIST runs (seed 0) in-process by both paths, and the "
+                    "largest ratio any ensemble of the same arithmetic could reach")
     ap.add_argument(
         "--data-root",
         default=os.environ.get(
@@ -192,6 +330,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     if args.backends:
         bench_backends(5 if args.quick else 30)
+        return
+    if args.profile_mnist:
+        print(f"\nfig3 mnist-fcn paper preset, seed 0, {args.profile_mnist} runs, in this "
+              "process (one thread):")
+        profile_mnist(args.data_root, args.profile_mnist)
         return
     if args.profile:
         profile_boolean(args.profile, "sampleable" if args.boolean_variant == "both"
