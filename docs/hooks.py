@@ -43,8 +43,12 @@ def _claims() -> dict[str, str]:
 def _spec_page(name: str, spec, claims: dict[str, str]) -> str:
     from flatprior.experiments.specs import PRESETS, resolve
 
+    how = ("compatible runs are trained together as ensembles (`--ensemble auto`; "
+           "`--ensemble off` for one task per run)" if spec.ensemble == "auto"
+           else "one task per run (`--ensemble off`; `--ensemble auto` trains compatible runs "
+           "together)")
     lines = [f"# {spec.reproduces}: `{name}`", "", f"**{spec.title}**", "",
-             spec.description, ""]
+             spec.description, "", f"`flatprior run {name}` default: {how}.", ""]
     for v in list(spec.variants) or [None]:
         head = f"## Variant `{v}`" if v else "## Runs"
         lines += [head, ""]

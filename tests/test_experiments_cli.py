@@ -160,8 +160,11 @@ def test_ensemble_default_comes_from_the_spec(cli, tmp_path):
     p = cli("run", *base, "--out", str(db))
     assert p.returncode == 0, p.stderr
     assert "ensembles: auto (the spec's default)" in p.stderr
-    p = cli("run", *base, "--set", "seed=[3]", "--ensemble", "off", "--out", str(db))
+    # resuming on the other path says so
+    p = cli("run", *base, "--set", "seed=[0, 1, 2, 3]", "--ensemble", "off", "--out", str(db))
     assert p.returncode == 0, p.stderr
+    assert ("3 stored runs of fig2-boolean/sampleable@quick ran as ensembles; the remaining runs "
+            "run one per run (--ensemble auto keeps one path)") in " ".join(p.stderr.split())
     con = sqlite3.connect(db)
     recs = [json.loads(r) for (r,) in con.execute("SELECT record FROM runs")]
     got = sorted((r["seed"], r["executed_as"], r["ensemble_size"]) for r in recs)

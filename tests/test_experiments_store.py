@@ -104,3 +104,19 @@ def test_record_must_be_json(tmp_path):
         with pytest.raises(FlatpriorError, match="not JSON"):
             s.put(rec("a", x=float("nan")))
         assert s.count() == 0  # nothing half-written
+
+
+def test_execution_counts_per_spec(tmp_path):
+    from flatprior.experiments.store import Store
+
+    recs = [{"key": "a", "status": "zero_error", "executed_as": "ensemble"},
+            {"key": "b", "status": "zero_error", "executed_as": "ensemble"},
+            {"key": "c", "status": "collapsed", "executed_as": "single"},
+            {"key": "d", "status": "failed", "executed_as": "single"},  # failed: not counted
+            {"key": "e", "status": "zero_error"}]  # stored before the field existed
+    with Store(tmp_path / "s.db") as st:
+        st.put_many(recs, "x")
+        st.put({"key": "f", "status": "zero_error", "executed_as": "single"}, "y")
+        assert st.execution_counts("x") == {"ensemble": 2, "single": 1}
+        assert st.execution_counts("y") == {"single": 1}
+        assert st.execution_counts("nope") == {}

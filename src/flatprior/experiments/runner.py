@@ -343,6 +343,8 @@ def run_sweep(
     if scheduler is None and n < 1:
         raise FlatpriorError(f"--workers must be >= 1, got {n}")
     items = _work_items(todo, by_key, n, use_ensembles)
+    if skipped:
+        _warn_mixed_paths(console, store, label, any(ens for _, ens in items))
     if memory_budget is not None and any(ens for _, ens in items):
         from flatprior.experiments.ensemble import check_memory_budget
 
@@ -361,6 +363,22 @@ def run_sweep(
                 _run_pool(items, run_fn, n, take, memory_budget)
     summary.wall_time_s = time.perf_counter() - t0
     return summary
+
+
+def _warn_mixed_paths(console, store, label: str, ensembles_now: bool) -> None:
+    """One line when this resumed sweep runs on another path than its stored runs did.
+
+    The paths agree to float32 rounding, which long training can amplify; a store that mixes
+    them is legal (the report says so) but rarely wanted.
+    """
+    counts = store.execution_counts(label)
+    other = "single" if ensembles_now else "ensemble"
+    if counts.get(other):
+        now, flag = (("as ensembles", "off") if ensembles_now else ("one per run", "auto"))
+        before = "one per run" if other == "single" else "as ensembles"
+        console.print(f"[yellow]note:[/] {counts[other]} stored runs of {label} ran {before}; "
+                      f"the remaining runs run {now} (--ensemble {flag} keeps one path)",
+                      soft_wrap=True)
 
 
 def _pending(configs: list, stored: dict[str, str], retry_failed: bool

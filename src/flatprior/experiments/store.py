@@ -22,6 +22,7 @@ import json
 import sqlite3
 import time
 import urllib.parse
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -275,6 +276,22 @@ class Store:
                 continue
             rec["created"] = created
             yield rec
+
+    def execution_counts(self, spec: str) -> dict[str, int]:
+        """How many of ``spec``'s finished runs each path ran: ``{"ensemble": n, "single": m}``.
+
+        From the records' ``executed_as`` (failed runs and records stored before the field
+        existed are not counted), by SQLite's JSON functions: no record is parsed in Python.
+        """
+        q = ("SELECT json_extract(r.record, '$.executed_as'), COUNT(*) FROM runs r "
+             "JOIN members m ON m.key = r.key WHERE m.spec = ? AND r.status != ? "
+             "AND json_valid(r.record) GROUP BY 1")
+        try:
+            rows = self._con.execute(q, (spec, FAILED)).fetchall()
+        except sqlite3.OperationalError:  # an SQLite built without JSON functions
+            rows = Counter(r.get("executed_as") for r in self.records(spec=spec)
+                           if r.get("status") != FAILED).items()
+        return {k: int(n) for k, n in rows if k in ("ensemble", "single")}
 
     def versions(self) -> list[dict[str, Any]]:
         """The distinct ``versions`` dicts of the stored records (library versions of the runs).
