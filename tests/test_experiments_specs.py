@@ -164,3 +164,16 @@ def test_config_file_overrides_and_custom_spec_file(tmp_path):
                     "[presets.quick]\n[presets.paper]\n")
     with pytest.raises(FlatpriorError, match="unknown run field 'n_trainn'"):
         load_spec(str(spec))
+
+
+def test_spec_ensemble_default_is_validated(tmp_path):
+    assert load_spec("fig2-boolean").ensemble == load_spec("psgd-boolean").ensemble == "auto"
+    assert load_spec("fig3").ensemble == "off"  # long MNIST training: one task per run
+    spec = tmp_path / "mine.toml"
+    head = 'name = "mine"\ntitle = "t"\nreproduces = "x"\n'
+    spec.write_text(head + 'ensemble = "auto"\n[presets.quick]\n[presets.paper]\n')
+    assert load_spec(str(spec)).ensemble == "auto"
+    spec.write_text(head + 'ensemble = "on"\n[presets.quick]\n[presets.paper]\n')
+    with pytest.raises(FlatpriorError, match=r"invalid spec: ensemble: Input should be 'auto' "
+                                             r"or 'off'"):
+        load_spec(str(spec))
