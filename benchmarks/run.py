@@ -28,6 +28,9 @@ def main() -> int:
     for f in files:
         spec = importlib.util.spec_from_file_location(f.stem, f)
         mod = importlib.util.module_from_spec(spec)
+        # registered under its name, so functions it sends to worker processes pickle (by
+        # reference: the worker imports it from this folder, sys.path[0])
+        sys.modules[f.stem] = mod
         print(f"\n=== {f.stem} ===", flush=True)
         t0 = time.perf_counter()
         try:
