@@ -81,9 +81,9 @@ def execution_note(df: pd.DataFrame) -> str:
     """One sentence: how many finished runs in ``df`` ran as ensemble members, how many alone.
 
     From the records' ``executed_as`` (finished records written before it existed count as
-    not recorded; failed runs are left out).
-    The two paths agree to float32 rounding, which long training can amplify (README,
-    "Why off is the default"), so a store that mixes them says so.
+    not recorded; failed runs are left out). The two paths agree to float32 rounding, which
+    long training can amplify (README, "Many small networks at once"), so a store that mixes
+    them says so.
     """
     from flatprior.experiments.store import FAILED
 
