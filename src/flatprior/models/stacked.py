@@ -107,6 +107,23 @@ def fcn_forward(params: Sequence[Tensor], x: Tensor) -> Tensor:
     return h.squeeze(-1)
 
 
+def _fcn_activations(params: Sequence[Tensor], x: Tensor) -> tuple[list[Tensor], Tensor]:
+    """The input of every layer of stacked FCNs and their output ``[M, B, 1]``.
+
+    :func:`fcn_forward`'s arithmetic, keeping the layer inputs (``[M, B, fan_in]`` each) that
+    a written-out backward reads.
+    """
+    h = x.reshape(x.shape[0], x.shape[1], -1)
+    acts = [h]
+    n_layers = len(params) // 2
+    for i in range(n_layers):
+        h = torch.baddbmm(params[2 * i + 1].unsqueeze(1), h, params[2 * i].transpose(1, 2))
+        if i < n_layers - 1:
+            h = torch.relu(h)
+            acts.append(h)
+    return acts, h
+
+
 def fcn_bce_and_grads(params: Sequence[Tensor], x: Tensor, y: Tensor, row_grad: Tensor | None
                       ) -> tuple[Tensor, list[Tensor]]:
     """Per-row BCE-with-logits of stacked FCNs and the gradient of a weighted sum of it.
@@ -132,15 +149,8 @@ def fcn_bce_and_grads(params: Sequence[Tensor], x: Tensor, y: Tensor, row_grad: 
     Returns:
         ``bce [M, B]`` and one gradient per parameter tensor (shapes of ``params``).
     """
-    M, B = y.shape
-    n_layers = len(params) // 2
-    h = x.reshape(M, B, -1)
-    acts = [h]  # the input of every layer
-    for i in range(n_layers):
-        h = torch.baddbmm(params[2 * i + 1].unsqueeze(1), h, params[2 * i].transpose(1, 2))
-        if i < n_layers - 1:
-            h = torch.relu(h)
-            acts.append(h)
+    B, n_layers = y.shape[1], len(params) // 2
+    acts, h = _fcn_activations(params, x)
     logits = h.squeeze(-1)
     bce = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
     g = torch.sigmoid(logits) - y
@@ -187,17 +197,10 @@ class FcnBceHessian:
     """
 
     def __init__(self, params: Sequence[Tensor], x: Tensor, y: Tensor, row_grad: Tensor):
-        M, B = y.shape
-        self.weights = [params[2 * i].detach() for i in range(len(params) // 2)]
-        h = x.reshape(M, B, -1)
-        self.acts = [h]  # the input of every layer
+        params = [p.detach() for p in params]
+        self.weights = params[0::2]
+        self.acts, h = _fcn_activations(params, x)  # the input of every layer, the output
         n_layers = len(self.weights)
-        for i in range(n_layers):
-            h = torch.baddbmm(params[2 * i + 1].detach().unsqueeze(1), h,
-                              self.weights[i].transpose(1, 2))
-            if i < n_layers - 1:
-                h = torch.relu(h)
-                self.acts.append(h)
         sig = torch.sigmoid(h)
         rg = row_grad.unsqueeze(-1)
         self.curvature = sig * (1 - sig) * rg  # d delta_last / d z_last, [M, B, 1]
