@@ -310,13 +310,8 @@ def boolean_tilting(bt: pd.DataFrame, cfg, *, top: int, seed: int = 0,
     return out
 
 
-def _tilting_local(K, labels: list, seed: int) -> list[tuple[float, float, float, bool]]:
-    """:func:`_tilting_one` of every label vector on this machine's cores, with progress."""
-    import contextlib
-    import multiprocessing as mp
-    import os
-    from concurrent.futures import ProcessPoolExecutor
-
+def _stderr_progress(text: str, *, disable: bool):
+    """A transient rich progress bar on stderr: ``text``, bar, done/total, time left."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -326,10 +321,19 @@ def _tilting_local(K, labels: list, seed: int) -> list[tuple[float, float, float
         TimeRemainingColumn,
     )
 
+    return Progress(TextColumn(text), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=Console(stderr=True), transient=True, disable=disable)
+
+
+def _tilting_local(K, labels: list, seed: int) -> list[tuple[float, float, float, bool]]:
+    """:func:`_tilting_one` of every label vector on this machine's cores, with progress."""
+    import contextlib
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
     workers = min(len(labels) // 8, os.cpu_count() or 1)  # a process costs ~2 s to start
-    with Progress(TextColumn("tilting estimates"), BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), console=Console(stderr=True), transient=True,
-                  disable=len(labels) < 20) as prog:
+    with _stderr_progress("tilting estimates", disable=len(labels) < 20) as prog:
         task = prog.add_task("tilting", total=len(labels))
         # chunks of ~10 functions: K is sent once per chunk, the bar still moves
         chunks = [labels[i : i + 10] for i in range(0, len(labels), 10)]
@@ -463,19 +467,9 @@ def boolean_prior_for(runs, *, samples: int = 0, files=(), seed: int = 0,
     if jobs and scheduler is not None:
         parts += _dask_map(draw, jobs, scheduler)
     elif jobs:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-
-        # ~200 k networks/s on 2 cores: a bar for anything longer than a few seconds (stderr)
-        with Progress(TextColumn("sampling random networks"), BarColumn(), MofNCompleteColumn(),
-                      TimeRemainingColumn(), console=Console(stderr=True), transient=True,
-                      disable=not progress or samples < 1_000_000) as prog:
+        # ~200 k networks/s on 2 cores: a bar for anything longer than a few seconds
+        with _stderr_progress("sampling random networks",
+                              disable=not progress or samples < 1_000_000) as prog:
             task = prog.add_task("sample", total=int(samples))
             for n, s in jobs:
                 parts.append(draw(n, s, lambda k: prog.advance(task, k)))
