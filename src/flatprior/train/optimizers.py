@@ -11,21 +11,32 @@ takes two gradients (at ``w`` and at the perturbed weights): ``step_style="sam"`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from pytorch_optimizer import SAM
 
 from flatprior.errors import check_choice, check_positive
 from flatprior.train.entropy_sgd import EntropySGD
+
+
+def _sam(params, **kwargs: Any) -> torch.optim.Optimizer:
+    """``pytorch_optimizer.SAM(params, **kwargs)``, imported on first use.
+
+    pytorch-optimizer takes ~1 s to import (its whole optimizer zoo), which every sweep worker
+    and CLI call that imports :mod:`flatprior.train` would otherwise pay.
+    """
+    from pytorch_optimizer import SAM
+
+    return SAM(params, **kwargs)
 
 
 @dataclass(frozen=True)
 class OptimizerSpec:
     """An optimizer class with the study's default learning rate and keyword arguments."""
 
-    cls: type
+    cls: Callable[..., torch.optim.Optimizer]
     lr: float
     kwargs: dict[str, Any] = field(default_factory=dict)
     full_batch: bool = False
@@ -53,9 +64,9 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     ),
     "entropy-sgd": OptimizerSpec(EntropySGD, 1.0, {}, doc="Entropy-SGD (Chaudhari et al. 2017)",
                                  step_style="closure"),
-    "sam": OptimizerSpec(SAM, 0.1, {"base_optimizer": torch.optim.SGD, "rho": 0.05},
+    "sam": OptimizerSpec(_sam, 0.1, {"base_optimizer": torch.optim.SGD, "rho": 0.05},
                          doc="SAM around SGD, rho 0.05 (Foret et al. 2021)", step_style="sam"),
-    "asam": OptimizerSpec(SAM, 0.1, {"base_optimizer": torch.optim.SGD, "rho": 0.5,
+    "asam": OptimizerSpec(_sam, 0.1, {"base_optimizer": torch.optim.SGD, "rho": 0.5,
                                      "adaptive": True},
                           doc="adaptive SAM around SGD, rho 0.5 (Kwon et al. 2021)",
                           step_style="sam"),
