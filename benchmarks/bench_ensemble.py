@@ -109,15 +109,7 @@ def profile_boolean(m: int, variant: str) -> None:
     from flatprior.experiments.specs import resolve
 
     configs = resolve("fig2-boolean", "paper", variant, {"seed": list(range(m))}).configs
-    # a sweep worker imports these once for all its ensembles: import them before the clock
-    # (~1.9 s, which would otherwise count as "other", "kernel" and "sharpness_lbfgsb" of this
-    # one ensemble)
-    import scipy.optimize  # noqa: F401
-
-    import flatprior.flatness.batched  # noqa: F401
-    import flatprior.pipeline  # noqa: F401
-    import flatprior.prior.api  # noqa: F401
-    import flatprior.train  # noqa: F401
+    _import_worker_modules()  # before the clock (~1.9 s), as a sweep worker imports them once
 
     t0 = time.perf_counter()
     recs = run_ensemble(configs)
@@ -194,13 +186,20 @@ def _matmul_floor(configs, wall: float | None = None) -> float:
     return floor
 
 
-def _worker(_):
+def _import_worker_modules(_=None) -> None:
+    """Import what a sweep worker imports once for all its runs and ensembles.
+
+    The profiles call it before their clocks start (else ~1.9 s of imports would count as
+    "other", "kernel" and "sharpness_lbfgsb" of one ensemble); :func:`_startup_time` runs it in
+    each new worker.
+    """
     import scipy.optimize  # noqa: F401
 
     import flatprior.experiments.ensemble  # noqa: F401
     import flatprior.flatness.batched  # noqa: F401
     import flatprior.pipeline  # noqa: F401
     import flatprior.prior.api  # noqa: F401
+    import flatprior.train  # noqa: F401
 
 
 def _startup_time(workers: int) -> float:
@@ -210,7 +209,7 @@ def _startup_time(workers: int) -> float:
 
     t0 = time.perf_counter()
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        list(pool.map(_worker, range(workers)))
+        list(pool.map(_import_worker_modules, range(workers)))
     return time.perf_counter() - t0
 
 
@@ -234,10 +233,7 @@ def profile_mnist(data_root: str, n_runs: int) -> None:
 
     res = resolve("fig3", "paper", "mnist-fcn", {"data_root": data_root, "seed": 0})
     configs = res.configs[:n_runs]
-    import scipy.optimize  # noqa: F401  (imported before the clock, as in a sweep worker)
-
-    import flatprior.flatness.batched  # noqa: F401
-    import flatprior.prior.api  # noqa: F401
+    _import_worker_modules()  # before the clock, as in a sweep worker
 
     phases = ("train", "sharpness", "sharpness_lbfgsb", "kernel", "log_prior")
     rows = {}
