@@ -5,6 +5,9 @@ import sqlite3
 
 import pytest
 
+from flatprior.errors import FlatpriorError
+from flatprior.experiments import ensemble as ens
+
 # the ``cli`` fixture (in-process ``flatprior ...``) lives in conftest.py
 
 
@@ -107,8 +110,23 @@ def test_memory_budget_bad_values_one_line_exit_2(cli, tmp_path, budget, match):
         assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM runs").fetchone() == (0,)
 
 
+@pytest.mark.parametrize(
+    ("text", "size"), [("4096", 4096), ("512MB", 512 * 10**6), ("1.5GiB", 3 * 2**29),
+                       ("2 kib", 2048), ("1e3kB", 10**6), (7, 7)])
+def test_parse_memory_budget_units(text, size):
+    assert ens.parse_memory_budget(text) == size
+
+
+@pytest.mark.parametrize(("text", "match"), [("1e400GB", "too large"), ("1e400", "too large"),
+                                             ("0.1", "at least 1 byte"), ("nanGB", "a size like"),
+                                             (True, "a size like")])
+def test_parse_memory_budget_rejects_with_one_line(text, match):
+    with pytest.raises(FlatpriorError, match=match) as exc:
+        ens.parse_memory_budget(text)
+    assert "\n" not in str(exc.value)
+
+
 def test_memory_budget_chunks_the_ensemble_same_functions(cli, tmp_path):
-    from flatprior.experiments import ensemble as ens
     from flatprior.train import ensemble as train_ens
 
     chunks = []

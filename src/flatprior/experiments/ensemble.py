@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 import traceback
 from collections import defaultdict
@@ -107,6 +108,8 @@ def parse_memory_budget(text: str | int) -> int:
                 f"--memory-budget {text!r}: give a size like 512MB, 2GB or 1.5GiB"
             )
         value, unit = float(m.group(1)), m.group(2).lower()
+    if not math.isfinite(value * _UNITS[unit]):  # e.g. "1e400GB": float overflow
+        raise FlatpriorError(f"--memory-budget {text!r}: too large; give a size like 2GB")
     size = int(value * _UNITS[unit])
     if size < 1:
         raise FlatpriorError(f"--memory-budget {text!r}: must be at least 1 byte (e.g. 2GB)")
