@@ -189,3 +189,21 @@ def test_ensemble_default_comes_from_the_spec(cli, tmp_path):
     assert got == [(0, "ensemble", 3), (1, "ensemble", 3), (2, "ensemble", 3), (3, "single", 1)]
     p = cli("run", "fig2-boolean", "--dry-run", "--ensemble", "on")
     assert p.returncode == 2 and "--ensemble must be auto or off, got 'on'" in p.stderr
+
+
+def test_auto_ensembles_say_which_runs_take_the_per_run_path(cli, tmp_path):
+    # SAM's ascent step normalises the whole network's gradient: not stackable, so those runs
+    # run one per run, and the user who asked for ensembles is told which and why
+    db = tmp_path / "s.db"
+    args = ["run", "fig2-boolean", "--set", "seed=[0, 1]", "--set", "measures=none",
+            "--workers", "1", "--no-progress", "--out", str(db)]
+    p = cli(*args, "--set", "optimizer=sam")
+    assert p.returncode == 0, p.stderr
+    assert ("note: 2 runs take the per-run path: optimizer 'sam' is not element-wise"
+            in " ".join(p.stderr.split()))
+    p = cli(*args, "--set", "optimizer=sgd")
+    assert p.returncode == 0 and "per-run path" not in p.stderr, p.stderr
+    con = sqlite3.connect(db)
+    got = sorted((r["optimizer"], r["executed_as"]) for r in
+                 (json.loads(r) for (r,) in con.execute("SELECT record FROM runs")))
+    assert got == [("sam", "single"), ("sam", "single"), ("sgd", "ensemble"), ("sgd", "ensemble")]

@@ -343,6 +343,8 @@ def run_sweep(
     if scheduler is None and n < 1:
         raise FlatpriorError(f"--workers must be >= 1, got {n}")
     items = _work_items(todo, by_key, n, use_ensembles)
+    if use_ensembles:
+        _note_per_run_path(console, [by_key[k] for item, ens in items if not ens for k, _ in item])
     if skipped:
         _warn_mixed_paths(console, store, label, any(ens for _, ens in items))
     if memory_budget is not None and any(ens for _, ens in items):
@@ -363,6 +365,25 @@ def run_sweep(
                 _run_pool(items, run_fn, n, take, memory_budget)
     summary.wall_time_s = time.perf_counter() - t0
     return summary
+
+
+def _note_per_run_path(console, cfgs: list) -> None:
+    """One line per reason why runs of an ``--ensemble auto`` sweep take the per-run path.
+
+    E.g. ``note: 4 runs take the per-run path: optimizer 'sam' is not element-wise``, so a
+    user who asked for ensembles learns which runs are not and why (a group of one compatible
+    run is not noted: it is an ensemble of one, run the cheaper way).
+    """
+    from flatprior.experiments.ensemble import why_not_ensemble
+
+    reasons: dict[str, int] = {}
+    for cfg in cfgs:
+        why = why_not_ensemble(cfg)
+        if why is not None:
+            reasons[why] = reasons.get(why, 0) + 1
+    for why, count in reasons.items():
+        runs = "1 run takes" if count == 1 else f"{count} runs take"
+        console.print(f"[yellow]note:[/] {runs} the per-run path: {why}", soft_wrap=True)
 
 
 def _warn_mixed_paths(console, store, label: str, ensembles_now: bool) -> None:
