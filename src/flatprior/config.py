@@ -151,6 +151,13 @@ class RunConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
+    def _width_is_for_resnets(self):
+        if self.width is not None and not self.model.startswith("resnet"):
+            raise ValueError(f"width sets the base channels of resnet18/resnet50, not of "
+                             f"{self.model!r}; for an fcn set hidden, e.g. hidden=[20, 20]")
+        return self
+
+    @model_validator(mode="after")
     def _file_needs_path(self):
         if self.dataset == "file" and not self.data_path:
             raise ValueError("dataset 'file' needs data_path (a .npz with arrays x, y or a .csv)")

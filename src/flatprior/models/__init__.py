@@ -47,6 +47,10 @@ def make_model(
     input_shape = tuple(int(v) for v in input_shape)
     if width is not None and (isinstance(width, bool) or int(width) != width or width < 1):
         raise FlatpriorError(f"width must be a whole number >= 1 (or None), got {width!r}")
+    if width is not None and not name.startswith("resnet"):
+        # silently ignoring it would label a 40-40 network as whatever width was asked for
+        raise FlatpriorError(f"width sets the base channels of resnet18/resnet50, not of {name!r}; "
+                             "for an fcn set hidden, e.g. hidden=(20, 20)")
     if name == "fcn":
         model: nn.Module = FCN((int(np.prod(input_shape)), *hidden, 1))
     elif name == "cnn":

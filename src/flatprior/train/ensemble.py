@@ -39,8 +39,9 @@ batches must not move, and for momentum/Adam a zero gradient would still move it
 Refused (one-line error naming ``--ensemble off``): ``entropy-sgd`` (its inner Langevin loop
 draws noise from the global RNG in the single-network order and re-evaluates a closure per
 member), ``sam`` and ``asam`` (their ascent step divides by the norm of the whole network's
-gradient, and they take a second forward-backward per step), ``fam_strength > 0`` (the FAM regulariser uses per-layer norms of each member's
-weights) and ``augment`` (random crops drawn from the shared generator).
+gradient, and they take a second forward-backward per step), ``fam_strength > 0`` (the FAM
+regulariser uses per-layer norms of each member's weights) and ``augment`` (random crops drawn
+from the shared generator).
 
 Memory. One member costs about ``4 bytes x (P (params + grad + optimizer state + update
 temporaries) + B x A_train + N_eval x A_eval)`` with ``A`` the activations per example (counted
