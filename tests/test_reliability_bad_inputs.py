@@ -220,6 +220,18 @@ def _store_on_text_file(tmp):
     return Store(p)
 
 
+def _load_boolean_prior(path):
+    from flatprior.prior import BooleanPrior
+
+    return BooleanPrior.load(path)
+
+
+def _boolean_prior_text_file(tmp):
+    p = tmp / "prior.npz"
+    p.write_text("my notes\n")
+    return _load_boolean_prior(p)
+
+
 def _boolean_prior_truncated(tmp):
     from flatprior.prior import BooleanPrior, sample_boolean_prior
 
@@ -335,6 +347,9 @@ def _api_cases():
             _boolean_prior_truncated,
             "cannot read",
         ),
+        # a text file: numpy's own refusal suggested allow_pickle; ours says what the file is not
+        ("boolean-prior-text-file", _boolean_prior_text_file, "not an .npz archive"),
+        ("boolean-prior-missing", lambda t: _load_boolean_prior(t / "none.npz"), "not found"),
         # --- arrays ---------------------------------------------------------------------------
         ("kernel-nan-input", lambda t: arccos_kernel(torch.tensor([[np.nan, 1.0]])), "NaN/inf"),
         ("kernel-empty-input", lambda t: arccos_kernel(torch.zeros(0, 3)), "n >= 1"),

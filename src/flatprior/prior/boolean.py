@@ -318,8 +318,13 @@ class BooleanPrior:
     @staticmethod
     def load(path: str | os.PathLike) -> BooleanPrior:
         """Read a file written by :meth:`save` (``allow_pickle=False``)."""
+        if not os.path.isfile(path):
+            raise FlatpriorError(f"Boolean prior file {path} not found (flatprior sample-prior "
+                                 "writes one)")
         # a truncated/garbled zip raises BadZipFile, EOFError or zlib.error, not OSError
         try:
+            if not zipfile.is_zipfile(path):  # else numpy's refusal suggests unpickling it
+                raise ValueError("not an .npz archive (flatprior sample-prior writes one)")
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
                 keys = z["keys"].astype(np.uint64)
