@@ -443,8 +443,9 @@ def sample_prior_cmd(
 ) -> None:
     """Sample random networks of a Boolean spec: a prior P(f) chunk file for `flatprior report`.
 
-    Files drawn with different seeds merge (`flatprior report DB --boolean-prior a.npz
-    --boolean-prior b.npz`), so a 1e8-network prior can be drawn on several machines.
+    Files drawn with different seeds merge, so a 1e8-network prior can be drawn on many machines:
+
+    `flatprior report DB --boolean-prior a.npz --boolean-prior b.npz`
     """
     from flatprior.analysis.report import boolean_prior_for
 
