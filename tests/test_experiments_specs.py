@@ -1,6 +1,9 @@
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flatprior.errors import FlatpriorError
+from flatprior.experiments.specs import _expand_axis as expand_axis
 from flatprior.experiments.specs import (
     list_specs,
     load_overrides,
@@ -8,6 +11,7 @@ from flatprior.experiments.specs import (
     parse_sets,
     parse_value,
     resolve,
+    sweep_for_display,
 )
 
 EXPECTED = {"fig2-boolean", "fig3", "fig4", "figS18", "fig5", "figS9", "figS11-16", "figS19"}
@@ -177,3 +181,37 @@ def test_spec_ensemble_default_is_validated(tmp_path):
     with pytest.raises(FlatpriorError, match=r"invalid spec: ensemble: Input should be 'auto' "
                                              r"or 'off'"):
         load_spec(str(spec))
+
+
+def test_sweep_for_display_writes_long_even_runs_in_the_range_form():
+    shown = sweep_for_display({
+        "seed": list(range(100_000)),
+        "n_attack": list(range(0, 501, 50)),  # 11 values: short, kept as a list
+        "lr": [0.1 * k for k in range(30)],  # floats: kept
+        "width_seed": list(range(10, -50, -2)),  # 30 values, step -2
+        "irregular": list(range(30)) + [99],
+        "flags": [True, False] * 15,  # bools are not integers here
+    })
+    assert shown["seed"] == {"range": [0, 100_000]}
+    assert shown["n_attack"] == list(range(0, 501, 50))
+    assert shown["lr"] == [0.1 * k for k in range(30)]
+    assert shown["width_seed"] == {"range": [10, -50, -2]}
+    assert shown["irregular"] == list(range(30)) + [99]
+    assert shown["flags"] == [True, False] * 15
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(-10**6, 10**6), min_size=1, max_size=60)
+       | st.builds(lambda a, n, d: [a + d * k for k in range(n)], st.integers(-10**6, 10**6),
+                   st.integers(1, 200), st.integers(-1000, 1000).filter(bool)))
+def test_sweep_for_display_expands_back_to_the_same_axis(values):
+    # the shown form is what a spec file may write: reading it back gives the same runs
+    shown = sweep_for_display({"seed": values})["seed"]
+    assert expand_axis("seed", shown) == values
+
+
+def test_list_of_a_1e5_run_spec_stays_short(cli):
+    p = cli("list", "fig2-boolean")
+    assert p.returncode == 0, p.stderr
+    assert '"sweep": {"seed": {"range": [0, 100000]}}' in p.stdout
+    assert len(p.stdout) < 20_000  # it printed all 100 000 seeds (~600 kB) per preset before

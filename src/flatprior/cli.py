@@ -249,6 +249,7 @@ def run_cmd(
 ) -> None:
     """Run an experiment spec (resumable: finished runs in --out are skipped)."""
     from flatprior.experiments.runner import import_run_fn, preflight, run_sweep
+    from flatprior.experiments.specs import sweep_for_display
     from flatprior.experiments.store import Store
 
     if workers is not None and workers < 1:
@@ -273,7 +274,8 @@ def run_cmd(
     err.print(f"{res.label}: {len(res.configs)} runs; sweep over {sweep}; ensembles: {ensemble} "
               f"({how})", soft_wrap=True)
     if dry_run:
-        out.print(json.dumps({"label": res.label, "base": res.base, "sweep": res.sweep,
+        out.print(json.dumps({"label": res.label, "base": res.base,
+                              "sweep": sweep_for_display(res.sweep),
                               "n_runs": len(res.configs)}, indent=1, default=str))
         return
     if fn is None:
@@ -295,7 +297,13 @@ def list_cmd(
     spec: Annotated[str | None, typer.Argument(help="show one spec in detail")] = None,
 ) -> None:
     """List the experiment specs (what each reproduces, runs per preset, what it needs)."""
-    from flatprior.experiments.specs import PRESETS, list_specs, load_spec, resolve
+    from flatprior.experiments.specs import (
+        PRESETS,
+        list_specs,
+        load_spec,
+        resolve,
+        sweep_for_display,
+    )
 
     # the terminal's width only on a terminal: a pipe or file gets whole lines (rich would
     # squeeze to 80 columns and split words)
@@ -309,7 +317,8 @@ def list_cmd(
                 r = resolve(s, p, v, build=False)
                 con.print(f"\n[bold]{r.label}[/] ({r.n_runs} runs; sharpness: "
                           f"{r.sharpness_settings()})" + (f"  needs: {r.needs}" if r.needs else ""))
-                con.print(json.dumps({"base": r.base, "sweep": r.sweep}, default=str))
+                con.print(json.dumps({"base": r.base, "sweep": sweep_for_display(r.sweep)},
+                                     default=str))
         return
     t = Table(title="flatprior experiment specs  (flatprior run NAME [VARIANT] --preset P)")
     for col in ("name", "variants", "reproduces", "quick runs", "paper runs",

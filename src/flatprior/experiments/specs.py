@@ -71,6 +71,29 @@ def _expand_axis(name: str, v: Any) -> list[Any]:
     return list(v)
 
 
+#: sweep axes longer than this are shown in the spec's range form (``flatprior list``, dry runs)
+_SHOW_AS_RANGE_FROM = 21
+
+
+def sweep_for_display(sweep: dict[str, list[Any]]) -> dict[str, Any]:
+    """``sweep`` with each long run of evenly spaced integers in the spec's own range form.
+
+    ``seed = [0, 1, ..., 99999]`` becomes ``{"range": [0, 100000]}`` (``[start, stop, step]``
+    when the step is not 1), exactly what a spec file may write, so printing a 1e5-run sweep
+    takes one line instead of 100 000 numbers; short or irregular axes are kept as lists.
+    """
+    out: dict[str, Any] = {}
+    for name, values in sweep.items():
+        ints = all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+        step = values[1] - values[0] if ints and len(values) >= _SHOW_AS_RANGE_FROM else 0
+        if step and all(b - a == step for a, b in zip(values, values[1:], strict=False)):
+            stop = values[-1] + step
+            out[name] = {"range": [values[0], stop] if step == 1 else [values[0], stop, step]}
+        else:
+            out[name] = values
+    return out
+
+
 def _unknown_field_hint(name: str, value: Any = None) -> str:
     """What to write instead of an unknown run field: its new name if renamed, or a close one."""
     from flatprior.config import RunConfig
