@@ -75,20 +75,22 @@ def _spec_page(name: str, spec, claims: dict[str, str]) -> str:
 
 def _config_table(spec, variant) -> list[str]:
     """Run fields per preset: a value, or the swept values."""
-    from flatprior.experiments.specs import PRESETS, resolve
+    from flatprior.experiments.specs import PRESETS, resolve, sweep_for_display
 
     res = {p: resolve(spec, p, variant, build=False) for p in PRESETS}
+    shown = {p: sweep_for_display(r.sweep) for p, r in res.items()}
     names = list(dict.fromkeys(k for r in res.values() for k in (*r.base, *r.sweep)))
 
-    def cell(r, k):
+    def cell(p, k):
+        r = res[p]
         if k in r.sweep:
-            return "sweep " + json.dumps(r.sweep[k], default=str)
+            return "sweep " + json.dumps(shown[p][k], default=str)
         return json.dumps(r.base[k], default=str) if k in r.base else "(default)"
 
     lines = ["| run field | " + " | ".join(f"`{p}`" for p in PRESETS) + " |",
              "|---|" + "---|" * len(PRESETS)]
     for k in names:
-        row = " | ".join(cell(res[p], k).replace("|", "\\|") for p in PRESETS)
+        row = " | ".join(cell(p, k).replace("|", "\\|") for p in PRESETS)
         lines.append(f"| `{k}` | {row} |")
     return [*lines, ""]
 
