@@ -198,3 +198,33 @@ def test_fig2_sampleable_quick_preset_end_to_end(tmp_path, cli):
     assert set(zip(agree["a"], agree["b"], strict=True)) == {
         ("sampling", "tilting"), ("sampling", "EP"), ("tilting", "EP")}
     assert len(sec.figures) == 1
+
+
+def test_report_that_draws_many_networks_tells_how_to_save_the_same_draws(
+        db, tmp_path, cli, monkeypatch):
+    import shlex
+
+    from flatprior.analysis import report as rep
+    from flatprior.prior import BooleanPrior
+
+    monkeypatch.setattr(rep, "SAVE_PRIOR_TIP_FROM", 4000)  # 1e7 in real use
+    r = cli("report", db, "--out", tmp_path / "r.html", "--n-boot", 0,
+            "--boolean-samples", 4000)
+    assert r.returncode in (0, None), r.stderr
+    text = " ".join(r.stderr.split())
+    tips = re.findall(r"tip: this report drew 4,000 random networks.*?`(flatprior sample-prior"
+                      r"[^`]*)`", text)
+    assert len(tips) == 1, text  # both Boolean specs train one network: one sample, one tip
+    args = shlex.split(tips[0])[1:]
+    args[args.index("--out") + 1] = str(tmp_path / "prior.npz")
+    s = cli(*args)
+    assert s.returncode in (0, None), s.stderr
+    saved = BooleanPrior.load(tmp_path / "prior.npz")
+    drawn = rep.boolean_prior_for(resolve("psgd-boolean", "quick", None).configs[0],
+                                  samples=4000, seed=0)  # what the report drew
+    assert saved.n_samples == drawn.n_samples == 4000
+    assert np.array_equal(saved.keys, drawn.keys) and np.array_equal(saved.counts, drawn.counts)
+    # below the threshold, or from files: no tip
+    r = cli("report", db, "--out", tmp_path / "r2.html", "--n-boot", 0,
+            "--boolean-prior", tmp_path / "prior.npz")
+    assert r.returncode in (0, None) and "tip:" not in r.stderr

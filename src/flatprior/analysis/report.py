@@ -135,9 +135,24 @@ class PriorOptions:
         return self.samples_for(info) > 0 or bool(self.files)
 
     def prior_for(self, cfg, info: dict[str, Any]):
-        """The sampled prior of ``cfg``'s network (drawn once per network and size)."""
-        return boolean_prior_for(cfg, samples=self.samples_for(info), files=self.files,
-                                 seed=self.seed, scheduler=self.scheduler, cache=self._cache)
+        """The sampled prior of ``cfg``'s network (drawn once per network and size).
+
+        After drawing :data:`SAVE_PRIOR_TIP_FROM` networks or more, says on stderr (once per
+        network) how to draw the same sample once into a file for later reports.
+        """
+        n, cached = self.samples_for(info), len(self._cache)
+        prior = boolean_prior_for(cfg, samples=n, files=self.files, seed=self.seed,
+                                  scheduler=self.scheduler, cache=self._cache)
+        if n >= SAVE_PRIOR_TIP_FROM and len(self._cache) > cached:  # drawn now, not cached
+            from rich.console import Console
+
+            Console(stderr=True, soft_wrap=True).print(
+                f"[yellow]tip:[/] this report drew {n:,} random networks; later reports can "
+                f"reuse the same draws from a file: "
+                f"{sample_prior_command(cfg, info, n, self.seed)} "
+                f"then `flatprior report DB --boolean-prior prior.npz`", markup=True,
+                highlight=False)
+        return prior
 
 
 def _first_config(store, label: str):
@@ -398,6 +413,28 @@ def _chunk_seeds(seed: int, n_chunks: int) -> list[int]:
 
     return [int(np.random.SeedSequence(int(seed), spawn_key=(1 << 20, i)).generate_state(
         1, dtype=np.uint32)[0]) for i in range(n_chunks)]
+
+
+#: a report that draws this many networks or more says how to save them for later reports
+SAVE_PRIOR_TIP_FROM = 10_000_000
+
+
+def sample_prior_command(cfg, info: dict[str, Any], samples: int, seed: int) -> str:
+    """The ``flatprior sample-prior`` call that draws what a report draws for ``cfg``.
+
+    Same network (its ``hidden`` and variances pinned with ``--set``), number and master seed:
+    :func:`boolean_prior_for` derives every chunk's seed from them alone, so the file holds the
+    very draws the report made (tested).
+    """
+    from flatprior.config import migrate_config
+
+    c = migrate_config(cfg) if isinstance(cfg, dict) else cfg.model_dump(mode="json")
+    hidden = "[" + ",".join(str(int(h)) for h in (c.get("hidden") or [40, 40])) + "]"
+    variant = f" {info['variant']}" if info.get("variant") else ""
+    return (f"`flatprior sample-prior {info.get('name', 'fig2-boolean')}{variant} --preset "
+            f"{info.get('preset', 'quick')} --samples {samples} --seed {seed} --set "
+            f"'hidden={hidden}' --set sigma_w2={float(c.get('sigma_w2', 2.0))!r} --set "
+            f"sigma_b2={float(c.get('sigma_b2', 1.0))!r} --out prior.npz`")
 
 
 def boolean_prior_for(runs, *, samples: int = 0, files=(), seed: int = 0,
