@@ -1,4 +1,7 @@
+import functools
+import http.server
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -43,3 +46,25 @@ def cli(capsys, monkeypatch):
         return SimpleNamespace(returncode=code, stdout=o.out, stderr=o.err)
 
     return call
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """A local HTTP server on 127.0.0.1 serving ``tmp_path / 'www'``; yields (folder, url).
+
+    Stands in for a data set's mirror in the download tests (no network in CI).
+    """
+    www = tmp_path / "www"
+    www.mkdir()
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(www)))
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    yield www, f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()

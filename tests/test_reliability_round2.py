@@ -7,15 +7,12 @@ output-path checks of item 7 are also rows of the bad-input matrix.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -357,25 +354,6 @@ def test_report_of_runs_without_test_set_says_why_n_a(cli, tmp_path):
     assert "n/a" in res.stdout
     assert "n/a where n < 3: a correlation needs 3 zero-error runs with both the measure and a " \
            "test error (runs with n_test = 0 have no test error)" in " ".join(res.stdout.split())
-
-
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def http_root(tmp_path):
-    """A local HTTP server on 127.0.0.1 serving ``tmp_path / 'www'``; yields (folder, url)."""
-    www = tmp_path / "www"
-    www.mkdir()
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(_Quiet, directory=str(www)))
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    yield www, f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-    server.server_close()
 
 
 @pytest.mark.timeout(120)

@@ -518,40 +518,52 @@ def _print_claims(claims, title: str) -> None:
 
 @app.command()
 def download(
-    dataset: Annotated[str, typer.Argument(help="mnist")],
+    dataset: Annotated[str, typer.Argument(help="mnist | cifar10")],
     data_root: Annotated[
         Path | None, typer.Option(help="folder to put the files in (default $FLATPRIOR_DATA)")
     ] = None,
-    parts: Annotated[str, typer.Option(help="train,test | test (the two t10k files)")] = (
-        "train,test"
-    ),
+    parts: Annotated[str, typer.Option(help="mnist: train,test | test (the two t10k files); "
+                                            "cifar10 comes as one archive")] = "train,test",
     mirror: Annotated[
         str | None,
-        typer.Option(help="base URL of a mirror (default: $FLATPRIOR_MNIST_MIRROR, else the "
-                          "public mirrors)"),
+        typer.Option(help="base URL of a mirror (default: $FLATPRIOR_MNIST_MIRROR or "
+                          "$FLATPRIOR_CIFAR10_MIRROR, else the public mirrors)"),
     ] = None,
 ) -> None:
     """Download a data set's files with md5 checks (files already present are kept)."""
     import os
 
-    from flatprior.data.mnist import FILES, _find, download_mnist
     from flatprior.errors import check_choice
 
-    check_choice("dataset to download", dataset, ["mnist"])
+    check_choice("dataset to download", dataset, ["mnist", "cifar10"])
     wanted = tuple(p.strip() for p in parts.split(",") if p.strip())
     for p in wanted:
         check_choice("--parts entry", p, ["train", "test"])
     if not wanted:
         raise FlatpriorError("--parts is empty; use train,test or test")
     root = Path(data_root or os.environ.get("FLATPRIOR_DATA", "~/.cache/flatprior")).expanduser()
-    got = download_mnist(root, wanted, mirrors=(mirror,) if mirror else None)
+    mirrors = (mirror,) if mirror else None
+    if dataset == "cifar10":
+        from flatprior.data.cifar10 import FOLDER, TEST_FILE, TRAIN_FILES, download_cifar10
+
+        if set(wanted) != {"train", "test"}:
+            err.print("[yellow]note:[/] --parts is for mnist; the CIFAR-10 archive holds both")
+        got = download_cifar10(root, mirrors)
+        present = [root / FOLDER / f for f in (*TRAIN_FILES, TEST_FILE)]
+        name, done = "CIFAR-10 (binary version)", "extracted {} from the md5-checked archive"
+    else:
+        from flatprior.data.mnist import FILES, _find, download_mnist
+
+        got = download_mnist(root, wanted, mirrors=mirrors)
+        present = [_find(root, stem) for key, (stem, _) in FILES.items()
+                   if key.split("-")[0] in wanted]
+        name, done = f"MNIST ({', '.join(wanted)})", "downloaded {} (md5 ok)"
     for f in got:
-        err.print(f"downloaded {f} (md5 ok)", highlight=False, soft_wrap=True)
-    for key, (stem, _) in FILES.items():
-        if key.split("-")[0] in wanted and (p := _find(root, stem)) not in got:
+        err.print(done.format(f), highlight=False, soft_wrap=True)
+    for p in present:
+        if p not in got:
             err.print(f"already present: {p}", highlight=False, soft_wrap=True)
-    err.print(f"MNIST ({', '.join(wanted)}) ready in {root}; use --data-root {root}",
-              highlight=False, soft_wrap=True)
+    err.print(f"{name} ready in {root}; use --data-root {root}", highlight=False, soft_wrap=True)
 
 
 @app.command()

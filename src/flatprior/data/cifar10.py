@@ -2,23 +2,31 @@
 
 Each record is 1 label byte followed by 3072 pixel bytes (1024 red, 1024 green, 1024 blue, each
 a 32x32 image in row-major order). Files: ``data_batch_1.bin`` … ``data_batch_5.bin`` and
-``test_batch.bin``, usually in ``cifar-10-batches-bin/``.
+``test_batch.bin``, usually in ``cifar-10-batches-bin/``; :func:`download_cifar10` fetches the
+official archive (``cifar-10-binary.tar.gz``, md5-checked) and extracts exactly these files.
 """
 
 from __future__ import annotations
 
 import os
+import tarfile
+import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
-from flatprior.data._files import read_bytes
+from flatprior.data._files import fetch_verified, read_bytes
 from flatprior.errors import FlatpriorError
 
 RECORD = 1 + 3 * 32 * 32
 AUTOMOBILE, CAT = 1, 3
 TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 TEST_FILE = "test_batch.bin"
+FOLDER = "cifar-10-batches-bin"
+#: the binary version on the authors' page (https://www.cs.toronto.edu/~kriz/cifar.html)
+ARCHIVE, ARCHIVE_MD5 = "cifar-10-binary.tar.gz", "c32a1d4ab5d03f1284b67883e8d87530"
+MIRRORS = ("https://www.cs.toronto.edu/~kriz/",)
 
 
 def parse_cifar_records(
@@ -46,8 +54,86 @@ def _root(data_root: str | Path | None) -> Path:
             return root / sub
     raise FlatpriorError(
         f"CIFAR-10 binary files not found under {root}: put cifar-10-batches-bin/ "
-        f"({', '.join(TRAIN_FILES)}, {TEST_FILE}) there"
+        f"({', '.join(TRAIN_FILES)}, {TEST_FILE}) there, or run `flatprior download cifar10 "
+        f"--data-root {root}` where the network is available"
     )
+
+
+def download_cifar10(root: Path, mirrors: tuple[str, ...] | None = None) -> list[Path]:
+    """Download the official binary archive into ``root`` and extract the six batch files.
+
+    The archive (162 MB) is checked against :data:`ARCHIVE_MD5`, then only the members
+    ``cifar-10-batches-bin/{data_batch_1..5,test_batch}.bin`` are read from it (regular files,
+    whole CIFAR-10 records) and written to ``root/cifar-10-batches-bin/``, each through a
+    temporary file: no other member, link or path of the archive reaches the disk. The
+    archive is removed afterwards; files already there are kept.
+
+    Args:
+        root: the data folder (created if missing).
+        mirrors: base URLs tried in order (default: ``$FLATPRIOR_CIFAR10_MIRROR`` if set, else
+            :data:`MIRRORS`); the archive is fetched as ``mirror + "cifar-10-binary.tar.gz"``.
+
+    Returns:
+        The batch files written now.
+    """
+    if mirrors is None:
+        env = os.environ.get("FLATPRIOR_CIFAR10_MIRROR")
+        mirrors = (env,) if env else MIRRORS
+    mirrors = tuple(m if m.endswith("/") else m + "/" for m in mirrors)
+    dest = root / FOLDER
+    todo = [f for f in (*TRAIN_FILES, TEST_FILE) if not (dest / f).is_file()]
+    if not todo:
+        return []
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FlatpriorError(f"cannot create {dest} ({exc.strerror}); choose another folder"
+                             ) from None
+    archive = root / ARCHIVE
+    try:
+        fetch_verified([m + ARCHIVE for m in mirrors], archive, ARCHIVE_MD5)
+    except OSError as exc:
+        raise FlatpriorError(f"could not download {ARCHIVE} ({exc}); put the CIFAR-10 binary "
+                             f"files in {dest}") from None
+    try:
+        return _extract(archive, todo, dest)
+    finally:
+        archive.unlink(missing_ok=True)
+
+
+def _extract(archive: Path, names: list[str], dest: Path) -> list[Path]:
+    """Write the archive's ``cifar-10-batches-bin/<name>`` files to ``dest`` (checked records)."""
+    written = []
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            for name in names:
+                member = tar.getmember(f"{FOLDER}/{name}")
+                fh = tar.extractfile(member) if member.isfile() else None
+                if fh is None:
+                    raise KeyError(name)
+                data = fh.read()
+                # whole records with labels 0..9, before anything is written
+                parse_cifar_records(data, source=f"{ARCHIVE}:{FOLDER}/{name}")
+                written.append(_write_atomically(dest / name, data))
+    except KeyError as exc:
+        raise FlatpriorError(f"{ARCHIVE} has no regular file {FOLDER}/{exc.args[0]}; is it the "
+                             "CIFAR-10 binary version?") from None
+    except (OSError, EOFError, tarfile.TarError, zlib.error) as exc:
+        raise FlatpriorError(f"cannot read {archive} ({exc}); delete it and download again"
+                             ) from None
+    return written
+
+
+def _write_atomically(path: Path, data: bytes) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
 
 
 def _binary(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -9,14 +9,12 @@ from __future__ import annotations
 import math
 import os
 import struct
-import tempfile
-import urllib.request
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from flatprior.data._files import md5sum, read_bytes
+from flatprior.data._files import fetch_verified, read_bytes
 from flatprior.errors import FlatpriorError
 
 FILES = {
@@ -102,28 +100,13 @@ def download_mnist(
     for key, (stem, md5) in FILES.items():
         if key.split("-")[0] not in parts or _find(root, stem):
             continue
-        last_error = None
-        for mirror in mirrors:
-            fd, tmp = tempfile.mkstemp(dir=root, suffix=".part")
-            os.close(fd)
-            try:
-                urllib.request.urlretrieve(mirror + stem + ".gz", tmp)  # noqa: S310 (https only)
-                got = md5sum(Path(tmp))
-                if got != md5:
-                    raise OSError(f"md5 mismatch for {stem}.gz: got {got}, expected {md5}")
-                os.replace(tmp, root / (stem + ".gz"))
-                fetched.append(root / (stem + ".gz"))
-                last_error = None
-                break
-            except OSError as exc:
-                last_error = exc
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-        if last_error is not None:
+        try:
+            fetch_verified([m + stem + ".gz" for m in mirrors], root / (stem + ".gz"), md5)
+        except OSError as exc:
             raise FlatpriorError(
-                f"could not download {stem}.gz ({last_error}); put the MNIST IDX files in {root}"
-            )
+                f"could not download {stem}.gz ({exc}); put the MNIST IDX files in {root}"
+            ) from None
+        fetched.append(root / (stem + ".gz"))
     return fetched
 
 
