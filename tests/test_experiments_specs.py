@@ -93,6 +93,21 @@ def test_specific_spec_contents():
     assert {c.data_seed for c in b.configs[:10]} == {0}  # same S, different inits
 
 
+def test_set_takes_the_range_form_that_list_and_dry_run_print():
+    # what `flatprior list` shows ({range = [0, 100000]}) can be typed back with --set
+    r = resolve("fig2-boolean", "quick", None, parse_sets(["seed={range = [10, 40, 3]}"]))
+    assert [c.seed for c in r.configs] == list(range(10, 40, 3))
+    assert sweep_for_display(r.sweep) == {"seed": list(range(10, 40, 3))}  # 10 values: a list
+    r = resolve("fig2-boolean", "quick", None, parse_sets(["seed={range=[0, 1000]}"]))
+    assert sweep_for_display(r.sweep) == {"seed": {"range": [0, 1000]}}
+    for bad, match in (("seed={range=[5, 0]}", "is empty"),
+                       ("seed={range=[0, 9], step=2}", "use a list or"),
+                       ("seed={range=[0, 2e9]}", "more than the 1000000 runs"),
+                       ("seed={range=[0, \"ten\"]}", "range needs integers")):
+        with pytest.raises(FlatpriorError, match=match):
+            resolve("fig2-boolean", "quick", None, parse_sets([bad]))
+
+
 def test_overrides_fix_sweep_and_set_tuples():
     r = resolve("fig3", "quick", "mnist-fcn", parse_sets(
         ["n_train=200", "optimizer=adam", "seed=[3, 4]", "n_attack=0",

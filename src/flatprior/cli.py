@@ -218,7 +218,8 @@ def run_cmd(
     ] = None,
     sets: Annotated[
         list[str] | None,
-        typer.Option("--set", help="override a run field: FIELD=VALUE (VALUE=[a,b] sweeps it)"),
+        typer.Option("--set", help="override a run field: FIELD=VALUE (VALUE=[a,b] or "
+                                   "{range=[0,1000]} sweeps it)"),
     ] = None,
     config: Annotated[
         Path | None, typer.Option(help="TOML file of overrides (field = value, [sweep] table)")

@@ -343,7 +343,10 @@ def _tuple_field(name: str) -> bool:
 
 
 def parse_value(text: str) -> Any:
-    """A ``--set`` value: TOML syntax (``200``, ``1e-3``, ``true``, ``[0, 1]``), else a string."""
+    """A ``--set`` value: TOML syntax (``200``, ``1e-3``, ``true``, ``[0, 1]``), else a string.
+
+    A sweep's range form ``{range = [0, 1000]}`` parses to a table (swept by the resolver).
+    """
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
@@ -385,6 +388,8 @@ def _apply_override(base: dict, sweep: dict, name: str, value: Any) -> None:
             f"override {name}: unknown run field{_unknown_field_hint(name, value)}; valid fields: "
             f"{', '.join(RunConfig.model_fields)}"
         )
+    if isinstance(value, dict) and "range" in value:  # --set 'seed={range=[0, 1000]}'
+        value = {"__sweep__": value}
     if isinstance(value, dict) and "__sweep__" in value:
         try:
             sweep[name] = _expand_axis(name, value["__sweep__"])
