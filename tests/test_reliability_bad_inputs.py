@@ -478,6 +478,7 @@ def _api_cases():
         ("model-width-zero", lambda t: make_model("resnet18", (3, 32, 32), width=0), "width"),
         # width is the ResNets' base channel count: on an fcn it used to be dropped silently
         ("fcn-width", lambda t: make_model("fcn", (4,), width=20), "for an fcn set hidden"),
+        ("cnn-hidden", lambda t: make_model("cnn", (1, 8, 8), hidden=(100,)), "drop hidden"),
         ("model-hidden-negative", lambda t: make_model("fcn", (4,), hidden=(-5,)), "positive"),
         ("cnn-image-too-small", lambda t: make_model("cnn", (1, 2, 2)), "at least 4x4"),
         ("resnet-on-vectors", lambda t: make_model("resnet18", (64,)), "image inputs"),
@@ -571,6 +572,8 @@ CLI_CASES = [
     ("max-epochs-zero", ["train", "--max-epochs", "0"], "max_epochs"),
     ("seed-negative", ["train", "--seed", "-3"], "seed"),
     ("fcn-width", ["run", "fig3", "--set", "width=20", "--dry-run"], "for an fcn set hidden"),
+    ("cnn-hidden", ["run", "fig3", "--set", "model=cnn", "--set", "hidden=[100]", "--dry-run"],
+     "drop hidden"),
     ("memory-budget-overflow", ["run", "fig2-boolean", "--memory-budget", "1e400GB", "--dry-run"],
      "too large"),
     ("mnist-missing", ["train", "--dataset", "mnist", "--data-root", "{tmp}/none"], "not found"),

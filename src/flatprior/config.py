@@ -151,6 +151,13 @@ class RunConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
+    def _hidden_is_for_fcns(self):
+        if self.model != "fcn" and self.hidden != (40, 40):  # (40, 40): the default
+            raise ValueError(f"hidden sets the layer widths of an fcn; {self.model!r} has its own "
+                             "architecture (resnets: width=...); drop hidden or use model fcn")
+        return self
+
+    @model_validator(mode="after")
     def _width_is_for_resnets(self):
         if self.width is not None and not self.model.startswith("resnet"):
             raise ValueError(f"width sets the base channels of resnet18/resnet50, not of "

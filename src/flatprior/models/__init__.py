@@ -47,6 +47,9 @@ def make_model(
     input_shape = tuple(int(v) for v in input_shape)
     if width is not None and (isinstance(width, bool) or int(width) != width or width < 1):
         raise FlatpriorError(f"width must be a whole number >= 1 (or None), got {width!r}")
+    if name != "fcn" and tuple(hidden) != (40, 40):  # (40, 40): the default, not a choice
+        raise FlatpriorError(f"hidden sets the layer widths of an fcn; {name!r} has its own "
+                             "architecture (resnets: width=...); drop hidden or use model fcn")
     if width is not None and not name.startswith("resnet"):
         # silently ignoring it would label a 40-40 network as whatever width was asked for
         raise FlatpriorError(f"width sets the base channels of resnet18/resnet50, not of {name!r}; "
