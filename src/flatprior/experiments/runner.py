@@ -374,6 +374,8 @@ def _note_per_run_path(console, cfgs: list) -> None:
     user who asked for ensembles learns which runs are not and why (a group of one compatible
     run is not noted: it is an ensemble of one, run the cheaper way).
     """
+    from rich.markup import escape
+
     from flatprior.experiments.ensemble import why_not_ensemble
 
     reasons: dict[str, int] = {}
@@ -383,7 +385,7 @@ def _note_per_run_path(console, cfgs: list) -> None:
             reasons[why] = reasons.get(why, 0) + 1
     for why, count in reasons.items():
         runs = "1 run takes" if count == 1 else f"{count} runs take"
-        console.print(f"[yellow]note:[/] {runs} the per-run path: {why}", soft_wrap=True)
+        console.print(f"[yellow]note:[/] {runs} the per-run path: {escape(why)}", soft_wrap=True)
 
 
 def _warn_mixed_paths(console, store, label: str, ensembles_now: bool) -> None:
