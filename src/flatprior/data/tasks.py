@@ -217,8 +217,8 @@ def make_task(
         seed: draws the split (and nothing else).
         data_root: folder holding the MNIST IDX / CIFAR-10 binary files.
         target: ``boolean`` only — the target function as a 128-character 0/1 string (bit i is
-            f(input i)) or a callable on the ``[128, 7]`` input array; default: the parity of
-            default: majority of the 7 bits. Input order: see
+            f(input i)) or a callable on the ``[128, 7]`` input array; default: majority of the
+            7 bits. Input order: see
             :func:`flatprior.data.boolean.boolean_inputs`.
         download: MNIST only — fetch missing files (md5-verified) when the network allows.
         data_path: ``file`` only — your ``.npz`` / ``.csv`` file (:mod:`flatprior.data.files`).
