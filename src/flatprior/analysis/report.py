@@ -426,15 +426,26 @@ def sample_prior_command(cfg, info: dict[str, Any], samples: int, seed: int) -> 
     :func:`boolean_prior_for` derives every chunk's seed from them alone, so the file holds the
     very draws the report made (tested).
     """
-    from flatprior.config import migrate_config
-
-    c = migrate_config(cfg) if isinstance(cfg, dict) else cfg.model_dump(mode="json")
-    hidden = "[" + ",".join(str(int(h)) for h in (c.get("hidden") or [40, 40])) + "]"
+    widths, sigma_w2, sigma_b2 = _boolean_network(cfg)
+    hidden = "[" + ",".join(map(str, widths[1:-1])) + "]"
     variant = f" {info['variant']}" if info.get("variant") else ""
     return (f"`flatprior sample-prior {info.get('name', 'fig2-boolean')}{variant} --preset "
             f"{info.get('preset', 'quick')} --samples {samples} --seed {seed} --set "
-            f"'hidden={hidden}' --set sigma_w2={float(c.get('sigma_w2', 2.0))!r} --set "
-            f"sigma_b2={float(c.get('sigma_b2', 1.0))!r} --out prior.npz`")
+            f"'hidden={hidden}' --set sigma_w2={sigma_w2!r} --set sigma_b2={sigma_b2!r} "
+            f"--out prior.npz`")
+
+
+def _boolean_network(runs) -> tuple[tuple[int, ...], float, float]:
+    """FCN widths ``(7, *hidden, 1)``, ``sigma_w2`` and ``sigma_b2`` of the runs' networks.
+
+    ``runs``: a :class:`flatprior.pipeline.RunConfig` or its stored dict (which may predate
+    the variance rename, ``sigma_b``: read with today's names).
+    """
+    from flatprior.config import migrate_config
+
+    cfg = migrate_config(runs) if isinstance(runs, dict) else runs.model_dump(mode="json")
+    widths = (7, *(int(h) for h in cfg.get("hidden") or [40, 40]), 1)
+    return widths, float(cfg.get("sigma_w2", 2.0)), float(cfg.get("sigma_b2", 1.0))
 
 
 def boolean_prior_for(runs, *, samples: int = 0, files=(), seed: int = 0,
@@ -442,8 +453,9 @@ def boolean_prior_for(runs, *, samples: int = 0, files=(), seed: int = 0,
                       antithetic: bool = True):
     """The sampled prior ``P(f)`` of the networks that ``runs`` trained (Boolean system).
 
-    The one place that reads the runs' variance fields and calls
-    :func:`flatprior.prior.sample_boolean_prior`, so both stay consistent: FCN
+    The one place that calls :func:`flatprior.prior.sample_boolean_prior` for runs, with the
+    network :func:`_boolean_network` reads from them (as :func:`sample_prior_command` does), so
+    the sample and the runs stay consistent: FCN
     ``(7, *hidden, 1)``, weights ``N(0, sigma_w2 / fan_in)``, biases ``N(0, sigma_b2)`` (the
     trained networks' initialisation, :func:`flatprior.models.init`).
 
@@ -466,15 +478,10 @@ def boolean_prior_for(runs, *, samples: int = 0, files=(), seed: int = 0,
     Returns:
         A :class:`flatprior.prior.BooleanPrior` (files and drawn chunks combined).
     """
-    from flatprior.config import migrate_config
     from flatprior.errors import check_int
     from flatprior.prior import BooleanPrior, sample_boolean_prior
 
-    # a stored config may predate the variance rename (sigma_b): today's names
-    cfg = migrate_config(runs) if isinstance(runs, dict) else runs.model_dump(mode="json")
-    hidden = cfg.get("hidden") or [40, 40]
-    widths = (7, *(int(h) for h in hidden), 1)
-    sigma_w2, sigma_b2 = float(cfg.get("sigma_w2", 2.0)), float(cfg.get("sigma_b2", 1.0))
+    widths, sigma_w2, sigma_b2 = _boolean_network(runs)
     check_int("boolean prior samples", samples, 0)
     if antithetic and samples % 2:
         raise FlatpriorError(f"{samples} networks to sample is odd, but they are drawn in "
