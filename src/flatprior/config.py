@@ -66,7 +66,7 @@ class RunConfig(BaseModel):
     data_seed: int | None = Field(None, ge=0, le=2**32 - 1)  # None: use ``seed``
     # model
     model: str = "fcn"
-    hidden: tuple[Annotated[int, Field(ge=1)], ...] = (40, 40)
+    hidden: tuple[Annotated[int, Field(ge=1)], ...] = names.DEFAULT_HIDDEN
     width: int | None = Field(None, ge=1)
     # variances, spelled the same everywhere (models, kernels, Boolean sampler): weights
     # N(0, sigma_w2 / fan_in), biases N(0, sigma_b2)
@@ -151,17 +151,10 @@ class RunConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _hidden_is_for_fcns(self):
-        if self.model != "fcn" and self.hidden != (40, 40):  # (40, 40): the default
-            raise ValueError(f"hidden sets the layer widths of an fcn; {self.model!r} has its own "
-                             "architecture (resnets: width=...); drop hidden or use model fcn")
-        return self
-
-    @model_validator(mode="after")
-    def _width_is_for_resnets(self):
-        if self.width is not None and not self.model.startswith("resnet"):
-            raise ValueError(f"width sets the base channels of resnet18/resnet50, not of "
-                             f"{self.model!r}; for an fcn set hidden, e.g. hidden=[20, 20]")
+    def _size_fields_fit_the_model(self):
+        why = names.architecture_mismatch(self.model, self.hidden, self.width)
+        if why is not None:
+            raise ValueError(why)
         return self
 
     @model_validator(mode="after")

@@ -12,7 +12,7 @@ from flatprior.models.fcn import FCN, SmallCNN
 from flatprior.models.init import init_weights
 from flatprior.models.rescale import alpha_scale, linear_layers
 from flatprior.models.resnet import ResNet
-from flatprior.names import MODELS
+from flatprior.names import DEFAULT_HIDDEN, MODELS, architecture_mismatch
 
 __all__ = [
     "FCN",
@@ -31,7 +31,7 @@ def make_model(
     name: str,
     input_shape: Sequence[int],
     *,
-    hidden: Sequence[int] = (40, 40),
+    hidden: Sequence[int] = DEFAULT_HIDDEN,
     width: int | None = None,
     sigma_w2: float = 2.0,
     sigma_b2: float = 1.0,
@@ -47,13 +47,9 @@ def make_model(
     input_shape = tuple(int(v) for v in input_shape)
     if width is not None and (isinstance(width, bool) or int(width) != width or width < 1):
         raise FlatpriorError(f"width must be a whole number >= 1 (or None), got {width!r}")
-    if name != "fcn" and tuple(hidden) != (40, 40):  # (40, 40): the default, not a choice
-        raise FlatpriorError(f"hidden sets the layer widths of an fcn; {name!r} has its own "
-                             "architecture (resnets: width=...); drop hidden or use model fcn")
-    if width is not None and not name.startswith("resnet"):
-        # silently ignoring it would label a 40-40 network as whatever width was asked for
-        raise FlatpriorError(f"width sets the base channels of resnet18/resnet50, not of {name!r}; "
-                             "for an fcn set hidden, e.g. hidden=(20, 20)")
+    why = architecture_mismatch(name, hidden, width)
+    if why is not None:
+        raise FlatpriorError(why)
     if name == "fcn":
         model: nn.Module = FCN((int(np.prod(input_shape)), *hidden, 1))
     elif name == "cnn":
