@@ -374,15 +374,13 @@ def _note_per_run_path(console, cfgs: list) -> None:
     user who asked for ensembles learns which runs are not and why (a group of one compatible
     run is not noted: it is an ensemble of one, run the cheaper way).
     """
+    from collections import Counter
+
     from rich.markup import escape
 
     from flatprior.experiments.ensemble import why_not_ensemble
 
-    reasons: dict[str, int] = {}
-    for cfg in cfgs:
-        why = why_not_ensemble(cfg)
-        if why is not None:
-            reasons[why] = reasons.get(why, 0) + 1
+    reasons = Counter(why for cfg in cfgs if (why := why_not_ensemble(cfg)) is not None)
     for why, count in reasons.items():
         runs = "1 run takes" if count == 1 else f"{count} runs take"
         console.print(f"[yellow]note:[/] {runs} the per-run path: {escape(why)}", soft_wrap=True)
